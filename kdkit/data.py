@@ -1,0 +1,858 @@
+"""Data pipeline: locating data sets, decoding them once into cached uint8 tensors, subsets,
+augmentations and SMOTE.
+
+Images are decoded a single time at the training resolution and kept in memory as a uint8
+``N x 3 x H x W`` tensor (and on disk in a cache): on a 2-core machine, decoding JPEGs every
+epoch would dominate training time, whereas the per-item transforms on small uint8 tensors
+are cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from sklearn.model_selection import train_test_split
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DATA_ROOT_ENV",
+    "CorruptImageError",
+    "ImageTensorDataset",
+    "balanced_subset_indices",
+    "dataset_dir",
+    "eval_transforms",
+    "load_brain_tumor_mri",
+    "load_ham10000",
+    "load_imagefolder",
+    "resolve_data_root",
+    "smote_balance",
+    "stratified_split_indices",
+    "train_transforms",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_ROOT_ENV = "KDKIT_DATA_ROOT"
+CACHE_DIR_ENV = "KDKIT_CACHE_DIR"
+
+OnCorrupt = Literal["error", "skip"]
+
+_SHARED_DATA = Path("..", "shared", "data")
+# The repository checkout holding the ``kdkit`` package, so an editable install finds the data
+# from any working directory.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_DATASET_SOURCES = {
+    "brain_tumor_mri": (
+        'the Kaggle "Brain Tumor MRI Dataset" by Masoud Nickparvar, unpacked so that the '
+        "folder holds Training/ and Testing/"
+    ),
+    "ham10000": (
+        "HAM10000 by Tschandl et al. (ISIC archive or Harvard Dataverse), with "
+        "HAM10000_metadata.csv next to an images/ folder of <image_id>.jpg files"
+    ),
+}
+# Split names looked for by ``load_imagefolder`` when no splits are given (case-insensitive).
+_SPLIT_FOLDER_ALIASES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+# Bump when decoding changes so that stale caches are not reused.
+_CACHE_FORMAT_VERSION = 1
+
+
+class CorruptImageError(ValueError):
+    """An image file that exists but cannot be decoded (truncated, corrupt or not an image)."""
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def _data_root_candidates(data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    """Where the data root may be, in lookup order, each with where that guess came from."""
+    if data_dir is not None:
+        return [(Path(data_dir).expanduser(), "the data_dir argument")]
+    if env_root := os.environ.get(DATA_ROOT_ENV):
+        return [(Path(env_root).expanduser(), f"${DATA_ROOT_ENV}")]
+    return [
+        (Path.cwd() / _SHARED_DATA, "relative to the current directory"),
+        (_REPO_ROOT / _SHARED_DATA, "relative to the kdkit repository"),
+    ]
+
+
+def _locate_data_root(data_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    candidates = _data_root_candidates(data_dir)
+    if len(candidates) == 1:  # explicit choice: reported by dataset_dir if it is missing
+        return candidates[0]
+    for path, origin in candidates:
+        if path.is_dir():
+            return path.resolve(), origin
+    looked = "; ".join(f"{path} ({origin})" for path, origin in candidates)
+    raise FileNotFoundError(
+        f"No data root found. Looked in: {looked}. Pass data_dir (--data-dir) or set "
+        f"{DATA_ROOT_ENV} to the folder that holds the data sets."
+    )
+
+
+def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """Find the folder that holds the data sets (``brain_tumor_mri/``, ``ham10000/``, ...).
+
+    Looked up in order: the explicit ``data_dir``, the ``KDKIT_DATA_ROOT`` environment
+    variable, ``../shared/data`` relative to the current directory, then ``../shared/data``
+    relative to the repository that contains the ``kdkit`` package.
+
+    Args:
+        data_dir: Explicit data root (e.g. an example's ``--data-dir``); used as given.
+
+    Returns:
+        The data root. An explicit ``data_dir`` or ``KDKIT_DATA_ROOT`` is returned even if it
+        does not exist, so that :func:`dataset_dir` can report it.
+
+    Raises:
+        FileNotFoundError: No default location exists; the message lists where it looked.
+    """
+    return _locate_data_root(data_dir)[0]
+
+
+def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Return ``<data root>/<name>``, failing clearly if it is missing.
+
+    Args:
+        name: Data set folder name, e.g. ``"brain_tumor_mri"`` or ``"ham10000"``.
+        data_dir: Explicit data root, see :func:`resolve_data_root`.
+
+    Raises:
+        FileNotFoundError: The folder does not exist; the message says where it looked and
+            where the data set can be obtained.
+    """
+    source = _DATASET_SOURCES.get(name, f"the {name!r} data set")
+    try:
+        root, origin = _locate_data_root(data_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error} Then download {source} into <data root>/{name}.") from None
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Data set folder {folder} not found (data root from {origin}). Download {source} and "
+            f"put it there, or point data_dir / {DATA_ROOT_ENV} at the folder that contains {name}/."
+        )
+    return folder
+
+
+def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if env_cache := os.environ.get(CACHE_DIR_ENV):
+        return Path(env_cache).expanduser()
+    return Path.home() / ".cache" / "kdkit"
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ImageTensorDataset(Dataset):
+    """Images pre-decoded into one uint8 tensor, with labels and an optional per-item transform.
+
+    Subsets made by :meth:`subset` and copies made by :meth:`with_transform` share the
+    underlying image storage, so carving train/validation splits costs no image memory.
+
+    Attributes:
+        labels: int64 tensor of shape ``(N,)``.
+        classes: Class names; ``labels`` index into this list.
+        transform: Called on each uint8 ``3 x H x W`` image in ``__getitem__``, or None.
+        paths: Source file of each item (for error analysis), or None.
+        skipped: Files left out at load time because they could not be decoded.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | Sequence[int],
+        classes: Sequence[str],
+        transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        paths: Sequence[str] | None = None,
+        skipped: Sequence[str] = (),
+    ) -> None:
+        """Create the dataset.
+
+        Args:
+            images: uint8 tensor ``N x 3 x H x W``, already at the training resolution.
+            labels: ``N`` class indices into ``classes``.
+            classes: Class names.
+            transform: Optional per-item transform on the uint8 image tensor.
+            paths: Optional source file of each image.
+            skipped: Paths of files that could not be decoded and were left out.
+
+        Raises:
+            ValueError: Wrong dtype or shape, mismatched lengths or out-of-range labels.
+        """
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"images must be a uint8 N x 3 x H x W tensor, got {images.dtype} {tuple(images.shape)}"
+            )
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but labels of shape {tuple(labels.shape)}")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            raise ValueError(f"labels must lie in [0, {len(classes)}) for {len(classes)} classes")
+        if paths is not None and len(paths) != len(labels):
+            raise ValueError(f"{len(labels)} images but {len(paths)} paths")
+        self._storage = images
+        # Row of ``_storage`` for each item, or None when the dataset uses every row in order.
+        self._rows: Tensor | None = None
+        self.labels = labels
+        self.classes = list(classes)
+        self.transform = transform
+        self.paths = None if paths is None else list(paths)
+        self.skipped = list(skipped)
+
+    @property
+    def images(self) -> Tensor:
+        """uint8 ``N x 3 x H x W`` images; for a subset this gathers its rows into a new tensor."""
+        return self._storage if self._rows is None else self._storage[self._rows]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        row = index if self._rows is None else int(self._rows[index])
+        image = self._storage[row]
+        if self.transform is not None:
+            image = self.transform(image)
+        if not image.is_floating_point():
+            image = v2.functional.to_dtype(image, torch.float32, scale=True)
+        return image, int(self.labels[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray | Tensor) -> ImageTensorDataset:
+        """Return the items at ``indices`` (positions in this dataset), sharing image storage."""
+        positions = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        subset = copy.copy(self)
+        subset._rows = positions if self._rows is None else self._rows[positions]
+        subset.labels = self.labels[positions]
+        if self.paths is not None:
+            subset.paths = [self.paths[position] for position in positions.tolist()]
+        return subset
+
+    def with_transform(self, transform: Callable[[Tensor], Tensor] | None) -> ImageTensorDataset:
+        """Return a view of this dataset with another transform, sharing image storage."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of items per class, in ``classes`` order."""
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counts))
+
+    def __repr__(self) -> str:
+        size = "x".join(str(dim) for dim in self._storage.shape[1:])
+        return f"{type(self).__name__}({len(self)} images {size}, classes={self.classes})"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _check_on_corrupt(on_corrupt: str) -> None:
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+
+
+def _read_rgb(path: str | Path, image_size: int) -> np.ndarray:
+    with Image.open(path) as image:
+        # Lets the JPEG decoder scale down by 1/2..1/8 while decoding, far cheaper than a
+        # full-size decode followed by a resize; a no-op for other formats.
+        image.draft("RGB", (image_size, image_size))
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "P":
+            # Palette transparency only survives (and converts without a warning) via RGBA.
+            image = image.convert("RGBA")
+        image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def _decode_images(
+    paths: Sequence[str | Path],
+    image_size: int,
+    *,
+    on_corrupt: OnCorrupt,
+    progress: bool,
+    description: str,
+) -> tuple[Tensor, np.ndarray, list[str]]:
+    """Decode ``paths`` to a uint8 ``N x 3 x S x S`` tensor.
+
+    Returns:
+        The images of the readable files, the positions in ``paths`` they came from, and the
+        paths that were skipped as unreadable.
+    """
+    images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
+    kept: list[int] = []
+    skipped: list[str] = []
+    for position, path in enumerate(tqdm(paths, desc=description, unit="img", disable=not progress)):
+        try:
+            pixels = _read_rgb(path, image_size)
+        except (OSError, SyntaxError, ValueError) as error:
+            if on_corrupt == "error":
+                raise CorruptImageError(f"Cannot decode image {path}: {error}") from error
+            logger.warning("Skipping unreadable image %s: %s", path, error)
+            skipped.append(str(path))
+            continue
+        images[len(kept)] = torch.from_numpy(pixels).permute(2, 0, 1)
+        kept.append(position)
+    if skipped:
+        # Clone so that the cache does not store the unused rows of the preallocated tensor.
+        images = images[: len(kept)].clone()
+    return images, np.asarray(kept, dtype=np.int64), skipped
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_file(
+    cache_dir: str | os.PathLike | None,
+    name: str,
+    files: Sequence[tuple[str, Path]],
+    image_size: int,
+) -> Path:
+    """Cache path keyed by the (group, path, size, mtime) of every file and the image size."""
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION} size={image_size}\n".encode())
+    for group, path in files:
+        stat = path.stat()
+        digest.update(f"{group}\t{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return _resolve_cache_dir(cache_dir) / f"{name}-{image_size}px-{digest.hexdigest()[:20]}.pt"
+
+
+def _read_cache(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        logger.warning("Ignoring unreadable cache %s (%s); decoding again", path, error)
+        return None
+    logger.info("Loaded decoded images from cache %s", path)
+    return payload
+
+
+def _write_cache(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Temporary file in the same folder + os.replace: readers never see a half-written cache.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    logger.info("Cached decoded images in %s", path)
+
+
+def _report_cached_skips(skipped: Sequence[str], on_corrupt: OnCorrupt, cache: Path) -> None:
+    if not skipped:
+        return
+    if on_corrupt == "error":
+        raise CorruptImageError(
+            f"Cannot decode image {skipped[0]} ({len(skipped)} unreadable file(s) recorded in "
+            f"cache {cache}); fix or remove them, or pass on_corrupt='skip'"
+        )
+    for path in skipped:
+        logger.warning("Skipping unreadable image %s (recorded in cache %s)", path, cache)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _is_hidden(path: Path) -> bool:
+    # Same convention as HF data file resolution: ".DS_Store", "._x.jpg", "__MACOSX".
+    return path.name.startswith((".", "__"))
+
+
+def _image_extensions() -> frozenset[str]:
+    # The rule HF imagefolder's extension list was generated with, without importing
+    # ``datasets`` (over a second) when the cache makes it unnecessary.
+    Image.init()
+    extension_formats = Image.registered_extensions()
+    return frozenset(ext for ext, image_format in extension_formats.items() if image_format in Image.OPEN)
+
+
+def _list_class_images(split_dir: Path, extensions: frozenset[str]) -> list[Path]:
+    """Images in ``split_dir/<class>/``, sorted; empty class folders are an error."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"Image folder {split_dir} does not exist")
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p))
+    if not class_dirs:
+        raise ValueError(f"Image folder {split_dir} has no class subfolders (expected <class>/<image> files)")
+    files: list[Path] = []
+    for class_dir in class_dirs:
+        images = sorted(
+            p
+            for p in class_dir.iterdir()
+            if p.is_file() and not _is_hidden(p) and p.suffix.lower() in extensions
+        )
+        if not images:
+            raise ValueError(f"Class folder {class_dir} contains no images")
+        files.extend(images)
+    return files
+
+
+def _default_splits(root: Path) -> dict[str, str]:
+    subfolders = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
+    splits = {}
+    for split, aliases in _SPLIT_FOLDER_ALIASES.items():
+        if found := next((subfolders[alias] for alias in aliases if alias in subfolders), None):
+            splits[split] = found
+    # No split folders: the root itself holds the class folders.
+    return splits or {"train": "."}
+
+
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def load_imagefolder(
+    path: str | os.PathLike,
+    image_size: int = 224,
+    *,
+    splits: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_corrupt: OnCorrupt = "error",
+    progress: bool = True,
+) -> dict[str, ImageTensorDataset]:
+    """Load a Kaggle/ImageNet-style ``<split>/<class>/<image>`` folder through HF ``imagefolder``.
+
+    Every image is converted to RGB (grayscale, RGBA and palette images included), resized to
+    ``image_size x image_size`` with antialiasing and stored as uint8. The result is cached in
+    ``cache_dir`` keyed by the file list (paths, sizes, modification times) and the image size,
+    so a repeated call skips decoding. Files without an image extension (``notes.txt``) and
+    hidden files (``.DS_Store``) are ignored. Class names are the sorted class folder names of
+    all splits together, so labels agree across splits.
+
+    Args:
+        path: The data set folder.
+        image_size: Side of the square images.
+        splits: Split name -> subfolder of ``path``, e.g. ``{"train": "Training"}``. Default:
+            whichever of ``train``/``training``, ``val``/``valid``/``validation`` and
+            ``test``/``testing`` exist (case-insensitive), else ``path`` itself as ``"train"``.
+        cache_dir: Cache folder; default ``$KDKIT_CACHE_DIR`` or ``~/.cache/kdkit``.
+        on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming an unreadable file;
+            ``"skip"`` leaves it out, logs a warning and lists it in ``dataset.skipped``.
+        progress: Show progress bars.
+
+    Returns:
+        Split name -> dataset.
+
+    Raises:
+        FileNotFoundError: ``path`` or a split folder does not exist.
+        ValueError: A split has no class folders, or a class folder has no images.
+        CorruptImageError: An unreadable image with ``on_corrupt="error"``.
+    """
+    _check_on_corrupt(on_corrupt)
+    # HF datasets reports absolute paths; ours must match them.
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist")
+    chosen_splits = _default_splits(root) if splits is None else splits
+    split_dirs = {name: root / subfolder for name, subfolder in chosen_splits.items()}
+    if not split_dirs:
+        raise ValueError("splits must name at least one split")
+    extensions = _image_extensions()
+    files = {name: _list_class_images(folder, extensions) for name, folder in split_dirs.items()}
+    classes = sorted({file.parent.name for split_files in files.values() for file in split_files})
+
+    cache = _cache_file(
+        cache_dir,
+        root.resolve().name,
+        [(name, file) for name, split_files in files.items() for file in split_files],
+        image_size,
+    )
+    payload = _read_cache(cache)
+    if payload is None:
+        payload = _decode_imagefolder(files, split_dirs, classes, image_size, cache, on_corrupt, progress)
+        _write_cache(cache, payload)
+    else:
+        _report_cached_skips(
+            [skipped for split in payload["splits"].values() for skipped in split["skipped"]], on_corrupt, cache
+        )
+    return {
+        name: ImageTensorDataset(
+            split["images"],
+            split["labels"],
+            payload["classes"],
+            paths=split["paths"],
+            skipped=split["skipped"],
+        )
+        for name, split in payload["splits"].items()
+    }
+
+
+def _decode_imagefolder(
+    files: Mapping[str, Sequence[Path]],
+    split_dirs: Mapping[str, Path],
+    classes: Sequence[str],
+    image_size: int,
+    cache: Path,
+    on_corrupt: OnCorrupt,
+    progress: bool,
+) -> dict:
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    with _hf_progress_bars(progress):
+        # Explicit file lists: imagefolder does not know Kaggle's Training/Testing split names.
+        # drop_labels=False keeps labels for a single class; drop_metadata=True stops a stray
+        # metadata.csv from replacing the folder labels.
+        folder = load_dataset(
+            "imagefolder",
+            data_files={name: [str(file) for file in split_files] for name, split_files in files.items()},
+            drop_labels=False,
+            drop_metadata=True,
+            cache_dir=str(cache.parent / "hf_datasets"),
+        )
+    splits = {}
+    for name, split in folder.items():
+        label_names = split.features["label"].names
+        if label_names != list(classes):
+            raise RuntimeError(f"imagefolder inferred classes {label_names}, expected class folders {classes}")
+        # Decode ourselves, once, at the target size instead of imagefolder's full-size PIL decode.
+        rows = split.cast_column("image", ImageFeature(decode=False))
+        paths = [image["path"] for image in rows["image"]]
+        ignored = sorted(set(map(str, files[name])) - set(paths))
+        if ignored:
+            raise ValueError(f"imagefolder does not read {len(ignored)} file(s), e.g. {ignored[0]}")
+        images, kept, skipped = _decode_images(
+            paths,
+            image_size,
+            on_corrupt=on_corrupt,
+            progress=progress,
+            description=f"Decoding {name}",
+        )
+        if not len(kept):
+            raise ValueError(f"No readable images in {split_dirs[name]}")
+        labels = torch.as_tensor(list(rows["label"]), dtype=torch.int64)[torch.from_numpy(kept)]
+        kept_paths = [paths[position] for position in kept.tolist()]
+        splits[name] = {"images": images, "labels": labels, "paths": kept_paths, "skipped": skipped}
+    return {"classes": list(classes), "splits": splits}
+
+
+def load_brain_tumor_mri(
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    on_corrupt: OnCorrupt = "error",
+    progress: bool = True,
+) -> dict[str, ImageTensorDataset]:
+    """Load the Brain Tumor MRI data set (Kaggle, Masoud Nickparvar) with its own split.
+
+    Classes: ``['glioma', 'meningioma', 'notumor', 'pituitary']``. With the shared copy,
+    ``"train"`` (``Training/``) has 5708 images and ``"test"`` (``Testing/``) 1311.
+
+    Args:
+        data_dir: Data root holding ``brain_tumor_mri/``, see :func:`resolve_data_root`.
+        image_size: Side of the square images.
+        cache_dir: Decoded-image cache folder, see :func:`load_imagefolder`.
+        on_corrupt: ``"error"`` or ``"skip"``, see :func:`load_imagefolder`.
+        progress: Show progress bars.
+
+    Returns:
+        ``{"train": ..., "test": ...}``.
+    """
+    return load_imagefolder(
+        dataset_dir("brain_tumor_mri", data_dir),
+        image_size,
+        splits={"train": "Training", "test": "Testing"},
+        cache_dir=cache_dir,
+        on_corrupt=on_corrupt,
+        progress=progress,
+    )
+
+
+# --------------------------------------------------------------------------- HAM10000
+
+_HAM10000_COLUMNS = ("lesion_id", "image_id", "dx")
+
+
+def load_ham10000(
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    *,
+    test_size: int = 828,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    on_corrupt: OnCorrupt = "error",
+    progress: bool = True,
+) -> dict[str, ImageTensorDataset]:
+    """Load HAM10000 with a train/test split grouped by lesion and stratified by diagnosis.
+
+    Images come from ``images/<image_id>.jpg`` as listed in ``HAM10000_metadata.csv``;
+    classes are the sorted diagnoses ``['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']``.
+    The split is drawn over lesions (``lesion_id``), stratified by their diagnosis, so all
+    images of one lesion land on the same side; it depends only on ``seed``. The test side
+    gets ``test_size`` images' worth of lesions, hence approximately ``test_size`` images
+    (835 of 10015 for the default 828 and seed 0; the HDKD paper uses 828). The decoded
+    images of the whole set are cached once; both splits share them.
+
+    Args:
+        data_dir: Data root holding ``ham10000/``, see :func:`resolve_data_root`.
+        image_size: Side of the square images (the 4:3 images are resized, not cropped).
+        test_size: Approximate number of test images.
+        seed: Seed of the split.
+        cache_dir: Decoded-image cache folder, see :func:`load_imagefolder`.
+        on_corrupt: ``"error"`` or ``"skip"``, see :func:`load_imagefolder`.
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"train": ..., "test": ...}``.
+
+    Raises:
+        FileNotFoundError: The folder, the metadata file or a listed image is missing.
+        ValueError: Malformed metadata (or a lesion with several diagnoses), or an impossible
+            ``test_size``.
+    """
+    _check_on_corrupt(on_corrupt)
+    folder = dataset_dir("ham10000", data_dir)
+    metadata = folder / "HAM10000_metadata.csv"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{metadata} not found; expected it next to {folder / 'images'}")
+    with metadata.open(newline="") as stream:
+        reader = csv.DictReader(stream)
+        missing_columns = set(_HAM10000_COLUMNS) - set(reader.fieldnames or ())
+        if missing_columns:
+            raise ValueError(f"{metadata} lacks the columns {sorted(missing_columns)}")
+        records = list(reader)
+    if not records:
+        raise ValueError(f"{metadata} lists no images")
+    if not 0 < test_size < len(records):
+        raise ValueError(f"test_size must be in (0, {len(records)}), got {test_size}")
+
+    paths = [folder / "images" / f"{record['image_id']}.jpg" for record in records]
+    absent = [path for path in paths if not path.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} images listed in {metadata} are missing, e.g. {absent[0]}")
+    classes = sorted({record["dx"] for record in records})
+    class_index = {name: index for index, name in enumerate(classes)}
+
+    cache = _cache_file(cache_dir, "ham10000", [("all", path) for path in paths], image_size)
+    payload = _read_cache(cache)
+    if payload is None:
+        images, kept, skipped = _decode_images(
+            paths, image_size, on_corrupt=on_corrupt, progress=progress, description="Decoding ham10000"
+        )
+        payload = {"images": images, "kept": torch.from_numpy(kept), "skipped": skipped}
+        _write_cache(cache, payload)
+    else:
+        _report_cached_skips(payload["skipped"], on_corrupt, cache)
+    kept = payload["kept"].numpy()
+
+    labels = np.array([class_index[record["dx"]] for record in records])[kept]
+    lesions, lesion_of_image = np.unique([record["lesion_id"] for record in records], return_inverse=True)
+    lesion_of_image = lesion_of_image[kept]
+    lesion_labels = np.zeros(len(lesions), dtype=np.int64)
+    lesion_labels[lesion_of_image] = labels
+    if not np.array_equal(lesion_labels[lesion_of_image], labels):
+        raise ValueError(f"{metadata} gives some lesion_id images with different diagnoses")
+    # Splitting lesions with train_test_split takes milliseconds; StratifiedGroupKFold over the
+    # 7470 lesions takes seconds, on every load.
+    present = np.unique(lesion_of_image)
+    _, test_lesions = train_test_split(
+        present,
+        test_size=round(test_size * len(present) / len(labels)),
+        stratify=lesion_labels[present],
+        random_state=seed,
+    )
+    is_test = np.isin(lesion_of_image, test_lesions)
+    train_indices, test_indices = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    kept_paths = [str(paths[position]) for position in kept.tolist()]
+    full = ImageTensorDataset(
+        payload["images"], labels, classes, paths=kept_paths, skipped=payload["skipped"]
+    )
+    return {"train": full.subset(train_indices), "test": full.subset(test_indices)}
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def balanced_subset_indices(
+    labels: Sequence[int] | np.ndarray | Tensor, per_class: int | None, seed: int
+) -> np.ndarray:
+    """Pick up to ``per_class`` items of every class, at random but reproducibly.
+
+    Each class gets a seeded permutation and contributes its first ``min(per_class, size)``
+    items, so for one seed the subsets are nested: the 100-per-class subset contains the
+    50-per-class one.
+
+    Args:
+        labels: Class index of each item.
+        per_class: Items per class; None keeps every item.
+        seed: Seed of the permutations.
+
+    Returns:
+        Sorted positions into ``labels``.
+    """
+    labels = np.asarray(labels)
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be positive or None, got {per_class}")
+    generator = np.random.default_rng(seed)
+    chosen = [
+        generator.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+
+
+def stratified_split_indices(
+    labels: Sequence[int] | np.ndarray | Tensor, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions into train and validation parts with the same class proportions.
+
+    Use it to carve a validation set out of the training data, so that model selection never
+    looks at the test set.
+
+    Args:
+        labels: Class index of each item.
+        val_fraction: Fraction of items for validation, in (0, 1).
+        seed: Seed of the split.
+
+    Returns:
+        ``(train_positions, val_positions)``, each sorted.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    labels = np.asarray(labels)
+    train_positions, val_positions = train_test_split(
+        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+    )
+    return np.sort(train_positions), np.sort(val_positions)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def train_transforms(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> v2.Compose:
+    """The HDKD paper's training augmentations for uint8 ``C x H x W`` tensors.
+
+    Resize, random rotation up to 180 degrees, horizontal and vertical flips, colour jitter
+    (brightness and contrast 0.3), random sharpness (factor 2, p 0.5), Gaussian blur
+    (kernel 3), then conversion to float in [0, 1] and normalisation.
+    """
+    return v2.Compose(
+        [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomRotation(degrees=180),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3),
+            v2.RandomAdjustSharpness(sharpness_factor=2, p=0.5),
+            v2.GaussianBlur(kernel_size=3),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def eval_transforms(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> v2.Compose:
+    """Evaluation transforms for uint8 ``C x H x W`` tensors: resize, float, normalise."""
+    return v2.Compose(
+        [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- SMOTE
+
+
+def smote_balance(
+    images: Tensor, labels: Tensor | Sequence[int], *, seed: int = 0, k_neighbors: int = 5
+) -> tuple[Tensor, Tensor]:
+    """Oversample every class to the size of the largest with SMOTE (imbalanced-learn).
+
+    SMOTE runs on the flattened images as float32: on uint8 arrays (as in the HDKD authors'
+    code) the difference to the neighbour wraps around modulo 256 and the synthetic images are
+    corrupted. The synthetic pixels are clipped to [0, 255] and rounded back to uint8, so each
+    lies between the values of its two parents. ``k_neighbors`` is lowered, with a warning,
+    when a class to oversample has at most ``k_neighbors`` samples. Memory: the float32 copy
+    and its resampled version take about ``8 * N_balanced * C * H * W`` bytes.
+
+    Args:
+        images: uint8 ``N x C x H x W`` tensor.
+        labels: ``N`` class indices.
+        seed: Seed of SMOTE's random choices.
+        k_neighbors: Neighbours SMOTE interpolates towards.
+
+    Returns:
+        ``(images, labels)``: the originals unchanged, followed by the synthetic samples.
+
+    Raises:
+        ValueError: Wrong dtype or shape, or a class to oversample with a single sample.
+    """
+    from imblearn.over_sampling import SMOTE  # heavy import, only needed here
+
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"images must be a uint8 N x C x H x W tensor, got {images.dtype} {tuple(images.shape)}"
+        )
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    counts = torch.bincount(labels)
+    to_oversample = counts[(counts > 0) & (counts < counts.max())]
+    if not len(to_oversample):
+        return images, labels
+    smallest = int(to_oversample.min())
+    if smallest < 2:
+        raise ValueError("SMOTE needs at least 2 samples in every class it oversamples")
+    neighbours = min(k_neighbors, smallest - 1)
+    if neighbours < k_neighbors:
+        logger.warning(
+            "Smallest class to oversample has %d samples: SMOTE k_neighbors reduced from %d to %d",
+            smallest,
+            k_neighbors,
+            neighbours,
+        )
+    flat = images.cpu().reshape(len(images), -1).numpy().astype(np.float32)
+    resampled, resampled_labels = SMOTE(k_neighbors=neighbours, random_state=seed).fit_resample(
+        flat, labels.numpy()
+    )
+    # imbalanced-learn returns the original rows first, then the synthetic ones.
+    synthetic = np.rint(np.clip(resampled[len(flat) :], 0, 255)).astype(np.uint8)
+    synthetic_images = torch.from_numpy(synthetic).reshape(-1, *images.shape[1:])
+    return torch.cat([images.cpu(), synthetic_images]), torch.as_tensor(resampled_labels, dtype=torch.int64)

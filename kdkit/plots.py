@@ -1,0 +1,269 @@
+"""Figures for runs and papers: confusion matrices, training curves, accuracy against training
+set size (HDKD Figure 3) and activation-map grids (HDKD Figure 5).
+
+Figures are built with matplotlib's object-oriented API and rendered to PNG by Agg; pyplot is
+never used, so nothing needs a display and the caller's matplotlib backend is left alone.
+Every function saves one PNG, creating parent folders, and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = [
+    "plot_accuracy_vs_size",
+    "plot_activation_grid",
+    "plot_confusion_matrix",
+    "plot_training_curves",
+]
+
+_DPI = 120
+_SCORE_MARKERS = ("acc", "f1", "recall", "precision", "auc")
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=_DPI, format="png")
+    return path
+
+
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[float]] | np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Plot a confusion matrix: cells annotated with counts, coloured by fraction of the row.
+
+    Colouring by row (true class) keeps small classes as visible as large ones.
+
+    Args:
+        cm: ``n x n`` counts, rows = true class, columns = predicted class.
+        class_names: The ``n`` class names.
+        path: Output PNG.
+        title: Figure title.
+
+    Raises:
+        ValueError: ``cm`` is not ``len(class_names)`` square.
+    """
+    counts = np.asarray(cm, dtype=float)
+    size = len(class_names)
+    if counts.shape != (size, size):
+        raise ValueError(f"confusion matrix of shape {counts.shape} for {size} class names")
+    row_totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_totals, out=np.zeros_like(counts), where=row_totals > 0)
+
+    side = max(4.0, 0.8 * size + 2.5)
+    figure = Figure(figsize=(side + 1.0, side), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, label="fraction of true class")
+    axes.set_xticks(range(size), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(size), class_names)
+    axes.set(xlabel="predicted", ylabel="true", title=title)
+    for row in range(size):
+        for column in range(size):
+            axes.text(
+                column,
+                row,
+                f"{counts[row, column]:g}",
+                ha="center",
+                va="center",
+                color="white" if fractions[row, column] > 0.5 else "black",
+            )
+    return _save(figure, path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _curve_panel(key: str) -> str:
+    lowered = key.lower()
+    if "loss" in lowered:
+        return "loss"
+    if lowered in ("lr", "learning_rate") or lowered.endswith("_lr"):
+        return "learning rate"
+    if any(marker in lowered for marker in _SCORE_MARKERS):
+        return "accuracy"
+    return "other"
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Plot per-epoch values: losses, accuracies/scores, learning rate and anything else numeric.
+
+    Each group gets its own panel (learning rate on a log scale). Rows may lack keys, e.g.
+    validation metrics computed every few epochs; missing values are simply not drawn.
+
+    Args:
+        history: One mapping per epoch, e.g. ``{"epoch": 1, "train_loss": 0.9,
+            "val_accuracy": 0.7, "lr": 1e-3}``. Without ``"epoch"`` the row number is used.
+        path: Output PNG.
+
+    Raises:
+        ValueError: Empty history or no numeric values besides the epoch.
+    """
+    if not history:
+        raise ValueError("history is empty")
+    epochs = [row.get("epoch", position + 1) for position, row in enumerate(history)]
+    keys = list(
+        dict.fromkeys(
+            key for row in history for key, value in row.items() if key != "epoch" and _is_number(value)
+        )
+    )
+    if not keys:
+        raise ValueError("history has no numeric values to plot")
+    panels: dict[str, list[str]] = {}
+    for panel in ("loss", "accuracy", "learning rate", "other"):
+        if members := [key for key in keys if _curve_panel(key) == panel]:
+            panels[panel] = members
+
+    figure = Figure(figsize=(4.5 * len(panels), 3.8), layout="constrained")
+    for axes, (panel, members) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        plotted_values = []
+        for key in members:
+            points = [(epoch, row[key]) for epoch, row in zip(epochs, history) if _is_number(row.get(key))]
+            axes.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3, label=key)
+            plotted_values.extend(value for _, value in points)
+        if panel == "learning rate" and min(plotted_values) > 0:
+            axes.set_yscale("log")
+        axes.set(xlabel="epoch", ylabel=panel, title=panel)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_accuracy_vs_size(
+    runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, metric: str = "accuracy"
+) -> Path:
+    """Plot a metric against training images per class, mean ± std over seeds (HDKD Figure 3).
+
+    One line for the student trained without distillation, one for HDKD.
+
+    Args:
+        runs: One mapping per run: ``{"size": 50 | "all", "seed": 0, "distill": bool,
+            metric: value}``. Sizes are ints, or ``"all"`` (plotted last).
+        path: Output PNG.
+        metric: Key of the value to plot.
+
+    Raises:
+        ValueError: No runs, a run lacking a key, or a size that is neither int nor ``"all"``.
+    """
+    if not runs:
+        raise ValueError("no runs to plot")
+    for run in runs:
+        if missing := {"size", "distill", metric} - set(run):
+            raise ValueError(f"run {dict(run)} lacks {sorted(missing)}")
+        if run["size"] != "all" and not isinstance(run["size"], numbers.Integral):
+            raise ValueError(f"size must be an int or 'all', got {run['size']!r}")
+    numeric_sizes = sorted({run["size"] for run in runs if run["size"] != "all"})
+    sizes = numeric_sizes + (["all"] if any(run["size"] == "all" for run in runs) else [])
+    position = {size: index for index, size in enumerate(sizes)}
+    seeds = len({run.get("seed") for run in runs})
+
+    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    axes = figure.subplots()
+    lines = ((False, "student (no distillation)", "tab:blue"), (True, "HDKD", "tab:red"))
+    for distill, label, colour in lines:
+        group = [run for run in runs if bool(run["distill"]) == distill]
+        group_sizes = [size for size in sizes if any(run["size"] == size for run in group)]
+        if not group_sizes:
+            continue
+        values = [
+            np.array([float(run[metric]) for run in group if run["size"] == size]) for size in group_sizes
+        ]
+        means = np.array([value.mean() for value in values])
+        deviations = np.array([value.std(ddof=1) if len(value) > 1 else 0.0 for value in values])
+        x = [position[size] for size in group_sizes]
+        axes.errorbar(x, means, yerr=deviations, marker="o", capsize=4, color=colour, label=label)
+        axes.fill_between(x, means - deviations, means + deviations, color=colour, alpha=0.15)
+    axes.set_xticks(range(len(sizes)), [str(size) for size in sizes])
+    pretty_metric = metric.replace("_", " ")
+    axes.set(
+        xlabel="training images per class",
+        ylabel=pretty_metric,
+        title=f"{pretty_metric} vs training set size (mean ± std, {seeds} seed{'s' if seeds != 1 else ''})",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return _save(figure, path)
+
+
+def _displayable(image: Tensor) -> np.ndarray:
+    """``H x W x 3`` array in [0, 1] from a (possibly normalised) ``C x H x W`` or ``H x W`` image."""
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"images must be C x H x W with 1 or 3 channels, got shape {tuple(image.shape)}")
+    image = image.float()
+    # Min-max per image undoes any normalisation well enough for display.
+    image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    return image.expand(3, -1, -1).permute(1, 2, 0).numpy()
+
+
+def _heatmap(activation: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Channel-average a ``C x h x w`` (or take an ``h x w``) map, upsample to ``size``, scale to [0, 1]."""
+    if activation.ndim == 3:
+        activation = activation.float().mean(dim=0)
+    if activation.ndim != 2:
+        raise ValueError(f"activation maps must be h x w or C x h x w, got shape {tuple(activation.shape)}")
+    upsampled = F.interpolate(
+        activation.float()[None, None], size=size, mode="bilinear", align_corners=False
+    )[0, 0]
+    upsampled = (upsampled - upsampled.min()) / (upsampled.max() - upsampled.min()).clamp_min(1e-12)
+    return upsampled.numpy()
+
+
+def plot_activation_grid(
+    images: Tensor | Sequence[Tensor],
+    maps: Mapping[str, Sequence[Tensor]],
+    path: str | os.PathLike,
+) -> Path:
+    """Plot sample images next to activation-map overlays of several models (HDKD Figure 5).
+
+    Rows are samples; the first column shows the input, then one column per model with its map
+    (channel-averaged if it has channels, upsampled to the image, min-max scaled) over the image.
+
+    Args:
+        images: ``N x C x H x W`` tensor or ``N`` tensors ``C x H x W``, uint8 or (normalised) float.
+        maps: Model name -> ``N`` maps, each ``h x w`` or ``C x h x w`` (e.g. stage-3 features).
+        path: Output PNG.
+
+    Raises:
+        ValueError: No images, a model with a different number of maps than images, or
+            maps/images of the wrong rank.
+    """
+    samples = [torch.as_tensor(image).detach().cpu() for image in images]
+    if not samples:
+        raise ValueError("no images to plot")
+    for name, model_maps in maps.items():
+        if len(model_maps) != len(samples):
+            raise ValueError(f"{name!r} has {len(model_maps)} maps for {len(samples)} images")
+
+    columns = 1 + len(maps)
+    figure = Figure(figsize=(2.2 * columns, 2.2 * len(samples) + 0.3), layout="constrained")
+    grid = figure.subplots(len(samples), columns, squeeze=False)
+    for row, sample in enumerate(samples):
+        picture = _displayable(sample)
+        grid[row, 0].imshow(picture)
+        for column, model_maps in enumerate(maps.values(), start=1):
+            heat = _heatmap(torch.as_tensor(model_maps[row]).detach().cpu(), picture.shape[:2])
+            grid[row, column].imshow(picture)
+            grid[row, column].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    for column, title in enumerate(["input", *maps]):
+        grid[0, column].set_title(title)
+    for axes in grid.flat:
+        axes.set_axis_off()
+    return _save(figure, path)

@@ -1,0 +1,371 @@
+"""Tests for kdkit.data: data location, image-folder loading and caching, reliability on bad
+files, subsets, transforms and SMOTE; plus checks against the real data sets when present."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from imblearn.over_sampling import SMOTE
+from PIL import Image
+
+from kdkit import data
+from kdkit.data import (
+    CorruptImageError,
+    ImageTensorDataset,
+    balanced_subset_indices,
+    dataset_dir,
+    eval_transforms,
+    load_brain_tumor_mri,
+    load_ham10000,
+    load_imagefolder,
+    resolve_data_root,
+    smote_balance,
+    stratified_split_indices,
+    train_transforms,
+)
+
+
+def _real_dataset(name: str) -> Path | None:
+    try:
+        return dataset_dir(name)
+    except FileNotFoundError:
+        return None
+
+
+def requires_real_data(name: str) -> pytest.MarkDecorator:
+    """Skip unless the real data set ``name`` is found by the library's own lookup."""
+    return pytest.mark.skipif(
+        _real_dataset(name) is None,
+        reason=f"real data set {name}/ not found (put it under ../shared/data or set KDKIT_DATA_ROOT)",
+    )
+
+
+def _noise(height: int = 24, width: int = 20, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def _make_folder(root: Path) -> Path:
+    """train/ and test/ with cat/dog classes in various modes, plus files to be ignored."""
+    _save(Image.fromarray(_noise(seed=1)), root / "train" / "cat" / "rgb.jpg")
+    _save(Image.fromarray(_noise(seed=2)[..., 0], mode="L"), root / "train" / "cat" / "gray.png")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
+    _save(Image.fromarray(_noise(seed=3)).convert("RGBA"), root / "train" / "dog" / "rgba.png")
+    palette = Image.fromarray(_noise(seed=4)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    _save(palette, root / "train" / "dog" / "palette.png")
+    _save(Image.fromarray(_noise(seed=5)), root / "test" / "cat" / "a.jpg")
+    _save(Image.fromarray(_noise(seed=6)), root / "test" / "dog" / "b.bmp")
+    return root
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    _save(Image.fromarray(_noise(64, 64, seed=7)), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def test_resolve_data_root_prefers_argument_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "from_env"))
+    assert resolve_data_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert resolve_data_root() == tmp_path / "from_env"
+
+
+def test_resolve_data_root_falls_back_to_cwd_then_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    assert resolve_data_root() == (tmp_path / "shared" / "data").resolve()
+
+    elsewhere = tmp_path / "elsewhere" / "cwd"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "project")
+    assert resolve_data_root() == (tmp_path / "shared" / "data").resolve()
+
+    monkeypatch.setattr(data, "_REPO_ROOT", elsewhere)
+    with pytest.raises(FileNotFoundError, match="No data root found") as error:
+        resolve_data_root()
+    assert str(elsewhere / ".." / "shared" / "data") in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "source"), [("brain_tumor_mri", "Nickparvar"), ("ham10000", "Tschandl")])
+def test_dataset_dir_missing_says_where_it_looked_and_where_to_get_it(tmp_path, name, source):
+    with pytest.raises(FileNotFoundError) as error:
+        dataset_dir(name, tmp_path)
+    assert str(tmp_path / name) in str(error.value)
+    assert source in str(error.value)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_load_imagefolder_converts_modes_and_ignores_non_images(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    splits = load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+
+    assert set(splits) == {"train", "test"}
+    train, test = splits["train"], splits["test"]
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert train.images.shape == (4, 3, 16, 16) and train.images.dtype == torch.uint8
+    assert train.class_counts() == {"cat": 2, "dog": 2}
+    assert test.labels.tolist() == [0, 1]
+    assert [Path(path).name for path in train.paths] == ["gray.png", "rgb.jpg", "palette.png", "rgba.png"]
+    gray = train.images[0]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert train.skipped == []
+
+
+def test_load_imagefolder_reuses_cache_until_a_file_changes(tmp_path, monkeypatch):
+    root = _make_folder(tmp_path / "pets")
+    first = load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache is valid")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "_decode_images", no_decoding)
+        second = load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+    for name in first:
+        assert torch.equal(first[name].images, second[name].images)
+        assert torch.equal(first[name].labels, second[name].labels)
+
+    changed = root / "test" / "cat" / "a.jpg"
+    _save(Image.fromarray(_noise(seed=9)), changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+    assert not torch.equal(first["test"].images[0], third["test"].images[0])
+
+
+def test_load_imagefolder_default_and_explicit_splits(tmp_path):
+    flat = tmp_path / "flat"
+    _save(Image.fromarray(_noise(seed=1)), flat / "a" / "1.png")
+    _save(Image.fromarray(_noise(seed=2)), flat / "b" / "2.png")
+    assert list(load_imagefolder(flat, 8, cache_dir=tmp_path / "cache", progress=False)) == ["train"]
+
+    kaggle = tmp_path / "kaggle"
+    for split in ("Training", "Validation", "Testing"):
+        _save(Image.fromarray(_noise(seed=3)), kaggle / split / "only" / "x.png")
+    found = load_imagefolder(kaggle, 8, cache_dir=tmp_path / "cache", progress=False)
+    assert list(found) == ["train", "val", "test"]
+
+    chosen = load_imagefolder(
+        kaggle, 8, splits={"fit": "Training"}, cache_dir=tmp_path / "cache", progress=False
+    )
+    assert list(chosen) == ["fit"] and chosen["fit"].classes == ["only"]
+
+
+def test_truncated_jpeg_raises_error_naming_the_file(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    broken = _truncated_jpeg(root / "train" / "dog" / "broken.jpg")
+    with pytest.raises(CorruptImageError, match=str(broken)):
+        load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_truncated_jpeg_is_skipped_logged_and_counted(tmp_path, caplog):
+    root = _make_folder(tmp_path / "pets")
+    broken = _truncated_jpeg(root / "train" / "dog" / "broken.jpg")
+    with caplog.at_level(logging.WARNING, logger="kdkit.data"):
+        splits = load_imagefolder(root, 16, cache_dir=tmp_path / "cache", on_corrupt="skip", progress=False)
+    assert splits["train"].skipped == [str(broken)]
+    assert len(splits["train"]) == 4 and str(broken) not in splits["train"].paths
+    assert str(broken) in caplog.text
+
+    # The cache remembers the skipped file: a strict load still refuses it.
+    with pytest.raises(CorruptImageError, match=str(broken)):
+        load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    empty = root / "train" / "bird"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"{empty} contains no images"):
+        load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_folder_without_images_is_an_error_naming_it(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nothing'} has no class subfolders"):
+        load_imagefolder(tmp_path / "nothing", 16, cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_imagefolder(tmp_path / "missing", 16, cache_dir=tmp_path / "cache", progress=False)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _tiny_dataset(count: int = 6) -> ImageTensorDataset:
+    images = torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1).expand(count, 3, 2, 2).contiguous()
+    return ImageTensorDataset(images, [index % 2 for index in range(count)], ["even", "odd"])
+
+
+def test_dataset_items_are_float_and_transformed():
+    dataset = _tiny_dataset()
+    image, label = dataset[3]
+    assert image.dtype == torch.float32 and label == 1
+    assert torch.allclose(image, torch.full((3, 2, 2), 3 / 255))
+    doubled = dataset.with_transform(lambda image: image.float() * 2)
+    assert torch.equal(doubled[3][0], torch.full((3, 2, 2), 6.0))
+    assert dataset.transform is None
+
+
+def test_subset_shares_storage_and_composes():
+    dataset = _tiny_dataset()
+    subset = dataset.subset([5, 1, 3])
+    assert subset.labels.tolist() == [1, 1, 1] and subset.class_counts() == {"even": 0, "odd": 3}
+    nested = subset.subset(np.array([2]))
+    assert nested[0][0][0, 0, 0] == pytest.approx(3 / 255)
+
+    dataset.images[3] = 255  # visible through the subsets: no copy was made
+    assert nested[0][0].min() == 1.0
+    assert subset.images.shape == (3, 3, 2, 2)
+
+
+def test_dataset_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageTensorDataset(torch.zeros(2, 3, 4, 4), [0, 1], ["a", "b"])
+    with pytest.raises(ValueError, match="labels"):
+        ImageTensorDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0], ["a", "b"])
+    with pytest.raises(ValueError, match="labels must lie"):
+        ImageTensorDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [0, 2], ["a", "b"])
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def test_balanced_subsets_are_capped_nested_and_seeded():
+    labels = np.array([0] * 30 + [1] * 8 + [2] * 50)
+    small = balanced_subset_indices(labels, 5, seed=3)
+    large = balanced_subset_indices(labels, 10, seed=3)
+    assert np.bincount(labels[small]).tolist() == [5, 5, 5]
+    assert np.bincount(labels[large]).tolist() == [10, 8, 10]
+    assert set(small) <= set(large)
+    assert np.array_equal(balanced_subset_indices(labels, None, seed=3), np.arange(len(labels)))
+    assert np.array_equal(small, balanced_subset_indices(torch.as_tensor(labels), 5, seed=3))
+    assert not np.array_equal(small, balanced_subset_indices(labels, 5, seed=4))
+
+
+def test_stratified_split_is_disjoint_complete_and_stratified():
+    labels = np.array([0] * 80 + [1] * 20)
+    train, val = stratified_split_indices(labels, 0.25, seed=0)
+    assert len(val) == 25 and np.bincount(labels[val]).tolist() == [20, 5]
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(100))
+    with pytest.raises(ValueError):
+        stratified_split_indices(labels, 1.0, seed=0)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_transforms_give_normalised_float_images():
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    augmented = train_transforms(32)(image)
+    assert augmented.shape == (3, 32, 32) and augmented.dtype == torch.float32
+    assert eval_transforms(32)(image).shape == (3, 32, 32)
+
+    square = image[:, :30, :30]
+    normalised = eval_transforms(30, mean=(0.5,) * 3, std=(0.5,) * 3)(square)
+    assert torch.allclose(normalised, square.float() / 127.5 - 1, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- SMOTE
+
+
+def _smote_example() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Majority class of 6 images; minority class of exactly 2 parents with opposite pixels."""
+    rng = np.random.default_rng(0)
+    parent = torch.from_numpy(rng.integers(0, 256, (3, 4, 4), dtype=np.uint8))
+    parents = torch.stack([parent, 255 - parent])
+    majority = torch.from_numpy(rng.integers(0, 256, (6, 3, 4, 4), dtype=np.uint8))
+    return torch.cat([majority, parents]), torch.tensor([0] * 6 + [1] * 2), parents
+
+
+def test_smote_synthetic_pixels_lie_between_their_parents(caplog):
+    images, labels, parents = _smote_example()
+    with caplog.at_level(logging.WARNING, logger="kdkit.data"):
+        balanced, balanced_labels = smote_balance(images, labels, seed=0)  # k_neighbors=5 -> 1
+    assert "k_neighbors reduced from 5 to 1" in caplog.text
+
+    assert balanced.dtype == torch.uint8 and torch.equal(balanced[: len(images)], images)
+    assert torch.bincount(balanced_labels).tolist() == [6, 6]
+    synthetic = balanced[len(images) :]
+    assert len(synthetic) == 4 and (balanced_labels[len(images) :] == 1).all()
+    low, high = torch.minimum(*parents), torch.maximum(*parents)
+    assert ((synthetic >= low) & (synthetic <= high)).all()
+
+
+def test_naive_uint8_smote_breaks_the_between_parents_property():
+    images, labels, parents = _smote_example()
+    flat = images.reshape(len(images), -1).numpy()  # uint8, as in the HDKD authors' code
+    resampled, _ = SMOTE(k_neighbors=1, random_state=0).fit_resample(flat, labels.numpy())
+    synthetic = torch.from_numpy(resampled[len(images) :]).reshape(-1, *images.shape[1:])
+    low, high = torch.minimum(*parents), torch.maximum(*parents)
+    assert not ((synthetic >= low) & (synthetic <= high)).all()
+
+
+def test_smote_leaves_balanced_data_alone_and_rejects_singletons():
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    same, same_labels = smote_balance(images, torch.tensor([0, 0, 1, 1]))
+    assert same is images and same_labels.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        smote_balance(images, torch.tensor([0, 0, 0, 1]))
+
+
+# --------------------------------------------------------------------------- real data
+
+BRAIN_TUMOR_COUNTS = {
+    "train": {"glioma": 1321, "meningioma": 1339, "notumor": 1591, "pituitary": 1457},
+    "test": {"glioma": 300, "meningioma": 306, "notumor": 405, "pituitary": 300},
+}
+
+
+@requires_real_data("brain_tumor_mri")
+def test_brain_tumor_mri_real_counts_and_cached_reload(tmp_path):
+    splits = load_brain_tumor_mri(image_size=16, cache_dir=tmp_path, progress=False)
+    assert {name: split.class_counts() for name, split in splits.items()} == BRAIN_TUMOR_COUNTS
+    assert len(splits["train"]) == 5708 and len(splits["test"]) == 1311
+    assert splits["train"].images.shape == (5708, 3, 16, 16)
+
+    started = time.perf_counter()
+    again = load_brain_tumor_mri(image_size=16, cache_dir=tmp_path, progress=False)
+    assert time.perf_counter() - started < 5
+    assert torch.equal(again["test"].images, splits["test"].images)
+
+
+@requires_real_data("ham10000")
+def test_ham10000_real_split_keeps_lesions_together(tmp_path):
+    splits = load_ham10000(image_size=16, cache_dir=tmp_path, progress=False)
+    train, test = splits["train"], splits["test"]
+    assert train.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert len(train) + len(test) == 10015 and 700 <= len(test) <= 950
+    assert min(train.class_counts().values()) > 0 and min(test.class_counts().values()) > 0
+
+    with open(_real_dataset("ham10000") / "HAM10000_metadata.csv", newline="") as stream:
+        lesion_of = {row["image_id"]: row["lesion_id"] for row in csv.DictReader(stream)}
+    lesions = {name: {lesion_of[Path(path).stem] for path in split.paths} for name, split in splits.items()}
+    assert not lesions["train"] & lesions["test"]
+
+    same = load_ham10000(image_size=16, cache_dir=tmp_path, progress=False)
+    other = load_ham10000(image_size=16, seed=1, cache_dir=tmp_path, progress=False)
+    assert same["test"].paths == test.paths and other["test"].paths != test.paths

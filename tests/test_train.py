@@ -1,0 +1,654 @@
+"""Tests of kdkit.train: the Accelerate training engine, exact resume, safe checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kdkit.checkpoint import load_model, read_metadata
+from kdkit.outputs import StepOutput
+from kdkit.train import (
+    NonFiniteLossError,
+    ResumeError,
+    Supervised,
+    TrainConfig,
+    Trainer,
+    find_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "train_tiny.py"
+TIME_KEYS = {"epoch_time", "train_time", "eval_time", "images_per_sec"}
+CLASSES = ["red", "green", "blue"]
+
+
+# --------------------------------------------------------------------------- fixtures
+class Blobs(Dataset):
+    """Three separable classes of 8x8 images, with a random horizontal flip per item."""
+
+    def __init__(self, n: int, seed: int = 0, augment: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % 3
+        self.images = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+        for c in range(3):
+            self.images[self.labels == c, c] += 1.0
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.augment and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
+def tiny_net(seed: int = 0, dropout: float = 0.2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+class ScriptedCE(nn.Module):
+    """Cross-entropy that returns NaN at call ``nan_at`` or raises at call ``crash_at`` (1-based)."""
+
+    def __init__(self, nan_at: int | None = None, crash_at: int | None = None) -> None:
+        super().__init__()
+        self.nan_at, self.crash_at, self.calls = nan_at, crash_at, 0
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt("simulated interruption")
+        loss = nn.functional.cross_entropy(logits, labels)
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return loss
+
+
+def loaders(n_train: int = 48, n_val: int = 24, batch_size: int = 8):
+    train = DataLoader(Blobs(n_train, seed=0), batch_size=batch_size, shuffle=True)
+    val = DataLoader(Blobs(n_val, seed=1, augment=False), batch_size=batch_size)
+    return train, val
+
+
+def config(tmp: Path, **overrides) -> TrainConfig:
+    base = dict(epochs=3, lr=0.02, weight_decay=0.01, sched="cosine", warmup_epochs=1, output_dir=tmp,
+                progress=False, seed=3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def make_trainer(tmp: Path, loss: nn.Module | None = None, model: nn.Module | None = None, **overrides) -> Trainer:
+    task = Supervised(model if model is not None else tiny_net(), loss=loss or ScriptedCE(), name="ce")
+    return Trainer(task, config(tmp, **overrides), class_names=CLASSES)
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in history]
+
+
+def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    from kdkit.checkpoint import unwrap_model
+
+    return {k: v.detach().clone() for k, v in unwrap_model(trainer.task).state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+# --------------------------------------------------------------------------- learning and files
+def test_supervised_fit_learns_and_writes_metric_files(tmp_path: Path) -> None:
+    train, val = loaders()
+    trainer = make_trainer(tmp_path, epochs=4)
+    result = trainer.fit(train, val)
+
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert result.final_val_metrics["accuracy"] > 0.9  # chance is 1/3
+    assert result.best_metric == max(row["val_accuracy"] for row in result.history)
+    assert result.history[result.best_epoch - 1]["val_accuracy"] == result.best_metric
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert result.history[-1]["global_step"] == 4 * 6
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert without_times(rows) == without_times(result.history)
+    expected = {"epoch", "global_step", "lr", "train_loss", "train_ce", "val_loss", "val_accuracy",
+                "val_balanced_accuracy", "val_macro_f1", "val_num_samples", "is_best", "epoch_time",
+                "train_time", "eval_time", "images_per_sec", *(f"val_per_class_recall/{c}" for c in CLASSES)}
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        csv_rows = list(reader)
+        assert expected <= set(reader.fieldnames)
+    assert len(csv_rows) == 4 and float(csv_rows[-1]["val_accuracy"]) == result.history[-1]["val_accuracy"]
+    assert all(float(r["images_per_sec"]) > 0 for r in csv_rows)
+    assert "val_confusion_matrix" in rows[0] and len(rows[0]["val_confusion_matrix"]) == 3
+
+    # The best model is the student alone, with metadata, and reproduces the selected metric.
+    assert result.best_model_path == tmp_path / "best_model.safetensors"
+    meta = read_metadata(result.best_model_path)
+    assert meta["classes"] == CLASSES and meta["epoch"] == result.best_epoch
+    assert meta["select_metric"] == "accuracy" and meta["metric_value"] == result.best_metric
+    fresh = tiny_net(seed=99)
+    load_model(fresh, result.best_model_path, expected_classes=CLASSES)
+    fresh.eval()
+    images = torch.stack([val.dataset[i][0] for i in range(len(val.dataset))])
+    accuracy = (fresh(images).argmax(1) == val.dataset.labels).float().mean().item()
+    assert accuracy == pytest.approx(result.best_metric, abs=1e-9)
+
+
+def test_best_model_without_val_is_last_epoch_and_reloads_identically(tmp_path: Path) -> None:
+    train, _ = loaders()
+    trainer = make_trainer(tmp_path, epochs=2)
+    result = trainer.fit(train)
+    assert result.best_epoch == 2 and result.best_metric is None and result.final_val_metrics is None
+    fresh = tiny_net(seed=5).eval()
+    load_model(fresh, result.best_model_path)
+    student = trainer.student.eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), student(x))
+
+
+def test_evaluate_counts_every_sample_and_returns_metrics(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path)
+    loader = DataLoader(Blobs(13, seed=2, augment=False), batch_size=4)  # last batch partial
+    metrics = trainer.evaluate(loader)
+    assert metrics["num_samples"] == 13
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class_recall", "confusion_matrix", "loss"} <= set(metrics)
+    assert sum(map(sum, metrics["confusion_matrix"])) == 13
+    assert trainer.student.training  # the mode is restored
+
+
+def test_supervised_two_heads_uses_their_mean() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model = TwoHeads()
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = Supervised(model)(x, y)
+    mean = (model.a(x) + model.b(x)) / 2
+    assert torch.allclose(out.logits, mean)
+    assert torch.allclose(out.loss, nn.functional.cross_entropy(mean, y))
+    assert out.terms == {"ce": pytest.approx(out.loss.item())}
+    assert Supervised(model)(x).loss is None
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
+@pytest.mark.parametrize(("sched", "loader"), [("cosine", "plain"), ("onecycle", "plain"), ("plateau", "plain"),
+                                               ("cosine", "generator"), ("cosine", "workers")])
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path, sched: str, loader: str) -> None:
+    overrides = dict(sched=sched, grad_accum_steps=2, clip_grad_norm=1.0)
+    train, val = loaders()
+    if loader == "generator":  # the loader's own generator: its state is in no checkpoint, reseeding must fix it
+        train = DataLoader(train.dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
+    elif loader == "workers":  # augmentation drawn in worker processes
+        train = DataLoader(train.dataset, batch_size=8, shuffle=True, num_workers=2)
+    reference = make_trainer(tmp_path / "ref", **overrides)
+    expected = reference.fit(train, val)
+
+    # Interrupted in the middle of epoch 2 (6 batches per epoch): only epoch 1 is checkpointed.
+    crashing = make_trainer(tmp_path / "run", loss=ScriptedCE(crash_at=9), **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit(train, val)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert saved["epoch"] == 1
+
+    resumed_trainer = make_trainer(tmp_path / "run", **overrides)
+    resumed = resumed_trainer.fit(train, val, resume=True)
+    assert without_times(resumed.history) == without_times(expected.history)
+    assert resumed.best_epoch == expected.best_epoch and resumed.best_metric == expected.best_metric
+    assert_same_state(state_of(resumed_trainer), state_of(reference))
+    from safetensors.torch import load_file
+
+    best_run, best_ref = tmp_path / "run" / "best_model.safetensors", tmp_path / "ref" / "best_model.safetensors"
+    assert_same_state(load_file(best_run), load_file(best_ref))
+    assert read_metadata(best_run) == read_metadata(best_ref)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_resuming_a_finished_run_returns_its_result(tmp_path: Path) -> None:
+    train, val = loaders()
+    first = make_trainer(tmp_path, epochs=2).fit(train, val)
+    again_trainer = make_trainer(tmp_path, loss=ScriptedCE(crash_at=1), epochs=2)  # must not train
+    again = again_trainer.fit(train, val, resume=True)
+    assert again.history == first.history
+    assert again.best_metric == first.best_metric and again.final_val_metrics == first.final_val_metrics
+    # the finished weights are loaded
+    fresh = tiny_net(seed=1)
+    load_model(fresh, tmp_path / "best_model.safetensors")
+    # resume from an explicit path (the run directory) too
+    assert make_trainer(tmp_path, loss=ScriptedCE(crash_at=1), epochs=2).fit(train, val, resume=tmp_path).history == first.history
+
+
+def test_resume_with_different_config_or_model_is_an_error(tmp_path: Path) -> None:
+    train, val = loaders()
+    make_trainer(tmp_path, epochs=1).fit(train, val)
+    with pytest.raises(ResumeError, match="'lr'.*0.02.*0.05"):
+        make_trainer(tmp_path, epochs=1, lr=0.05).fit(train, val, resume=True)
+    with pytest.raises(ResumeError, match="'epochs'"):
+        make_trainer(tmp_path, epochs=2).fit(train, val, resume=True)
+    wider = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ResumeError, match="model"):
+        make_trainer(tmp_path, epochs=1, model=wider).fit(train, val, resume=True)
+    with pytest.raises(ResumeError, match="train_loader"):
+        make_trainer(tmp_path, epochs=1).fit(DataLoader(Blobs(16), batch_size=8, shuffle=True), val, resume=True)
+    with pytest.raises(FileNotFoundError):
+        make_trainer(tmp_path, epochs=1).fit(train, val, resume=tmp_path / "nowhere")
+    # fields that do not affect the numbers may change
+    make_trainer(tmp_path, epochs=1, log_every=3, keep_last=2).fit(train, val, resume=True)
+
+
+def _run_script(out: Path, *args: str, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+
+
+def _run_in_process(out: Path, **kwargs) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script's main()
+    try:
+        return module.run(out, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_runs(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
+    assert without_times(ra["history"]) == without_times(rb["history"])
+    assert ra["final_val_metrics"] == rb["final_val_metrics"]
+    assert_same_state(load_file(a / "final_task.safetensors"), load_file(b / "final_task.safetensors"))
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """A real kill -9 of a training process after its first checkpoint (issue 7)."""
+    reference = tmp_path / "reference"
+    _run_in_process(reference, epochs=3)  # the same script, without paying for a third interpreter start
+
+    killed = tmp_path / "killed"
+    proc = _run_script(killed, "--epochs", "3", "--sleep", "0.2")  # ~2.4 s of training left to kill
+    marker = killed / "checkpoints" / "last" / "trainer_state.json"
+    deadline = time.monotonic() + 90
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL  # it was still running
+    assert not (killed / "result.json").exists()
+    found = find_checkpoint(killed)
+    assert found is not None and json.loads((found / "trainer_state.json").read_text())["epoch"] < 3
+
+    _finish(_run_script(killed, "--epochs", "3", "--resume"))
+    _compare_runs(reference, killed)
+
+
+# --------------------------------------------------------------------------- atomic checkpoints
+def test_crash_inside_checkpoint_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    train, val = loaders()
+    trainer = make_trainer(tmp_path)
+    real_save_state = trainer.accelerator.save_state
+    calls = {"n": 0}
+
+    def dying_save_state(output_dir, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the checkpoint of epoch 2: write part of it, then die
+            real_save_state(output_dir, **kwargs)
+            model_file = Path(output_dir) / "model.safetensors"
+            model_file.write_bytes(model_file.read_bytes()[:100])
+            raise KeyboardInterrupt("killed while saving (simulated)")
+        return real_save_state(output_dir, **kwargs)
+
+    trainer.accelerator.save_state = dying_save_state
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(train, val)
+    finally:
+        trainer.accelerator.save_state = real_save_state
+    root = tmp_path / "checkpoints"
+    assert find_checkpoint(root) == root / "last"
+    assert json.loads((root / "last" / "trainer_state.json").read_text())["epoch"] == 1
+    fresh = Supervised(tiny_net(seed=8))
+    load_model(fresh, root / "last" / "model.safetensors")  # intact and strict-loadable
+
+    resumed = make_trainer(tmp_path).fit(train, val, resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    assert sorted(p.name for p in root.iterdir()) == ["last"]  # the half-written last.tmp is gone
+
+
+def test_kill_between_the_two_renames_is_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdkit.train as train_module
+
+    train, val = loaders()
+    reference = make_trainer(tmp_path / "ref").fit(train, val)
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name == "last.tmp" and json.loads((Path(src) / "trainer_state.json").read_text())["epoch"] == 2:
+            raise KeyboardInterrupt("killed between the renames (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(train_module.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "run").fit(train, val)
+    monkeypatch.setattr(train_module.os, "rename", real_rename)
+
+    root = tmp_path / "run" / "checkpoints"
+    assert not (root / "last").exists() and (root / "last.old").is_dir()
+    assert find_checkpoint(root) == root / "last.old"
+    resumed = make_trainer(tmp_path / "run").fit(train, val, resume=True)
+    assert without_times(resumed.history) == without_times(reference.history)
+    assert sorted(p.name for p in root.iterdir()) == ["last"]
+
+
+def test_kill_while_deleting_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import kdkit.train as train_module
+
+    train, _ = loaders(n_train=16)
+    real_rmtree = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith(".trash-last.old"):
+            (path / "model.safetensors").unlink()  # part of it is gone, then the process dies
+            raise KeyboardInterrupt("killed while deleting (simulated)")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, epochs=2).fit(train)
+    monkeypatch.setattr(train_module.shutil, "rmtree", real_rmtree)
+
+    root = tmp_path / "checkpoints"
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".trash-")]
+    assert leftovers and not (leftovers[0] / "model.safetensors").exists()
+    assert find_checkpoint(root) == root / "last"  # never the half-deleted one
+    result = make_trainer(tmp_path, epochs=2).fit(train, resume=True)  # finished: returns at once
+    assert len(result.history) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["last"]
+
+
+def test_checkpoint_every_and_keep_last(tmp_path: Path) -> None:
+    train, _ = loaders(n_train=16)
+    trainer = make_trainer(tmp_path, epochs=5, checkpoint_every=2, keep_last=2)
+    trainer.fit(train)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_0004", "last"]
+    epoch = lambda p: json.loads((p / "trainer_state.json").read_text())["epoch"]  # noqa: E731
+    assert epoch(root / "last") == 5 and epoch(root / "epoch_0004") == 4
+    # an older checkpoint can be resumed explicitly (and continues to the same end)
+    assert len(make_trainer(tmp_path, epochs=5).fit(train, resume=root / "epoch_0004").history) == 5
+
+
+# --------------------------------------------------------------------------- numerics
+def test_nan_loss_stops_training_naming_term_and_step(tmp_path: Path) -> None:
+    train, val = loaders(n_train=32)  # 4 batches per epoch
+    trainer = make_trainer(tmp_path, loss=ScriptedCE(nan_at=6))
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(train, val)
+    message = str(info.value)
+    assert "'ce'=nan" in message and "epoch 2/3" in message and "batch 2/4" in message and "step 6" in message
+    assert info.value.terms == ["ce"] and info.value.step == 6 and info.value.epoch == 2
+
+    root = tmp_path / "checkpoints"
+    assert json.loads((root / "last" / "trainer_state.json").read_text())["epoch"] == 1
+    from safetensors.torch import load_file
+
+    weights = load_file(root / "last" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
+    resumed = make_trainer(tmp_path).fit(train, val, resume=True)  # the kept checkpoint is loadable
+    assert len(resumed.history) == 3 and all(math.isfinite(r["train_loss"]) for r in resumed.history)
+
+
+def test_nan_in_one_term_of_a_multi_term_task_is_named(tmp_path: Path) -> None:
+    class TwoTerms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = tiny_net()
+            self.calls = 0
+
+        def forward(self, images, labels):
+            self.calls += 1
+            logits = self.student(images)
+            ce = nn.functional.cross_entropy(logits, labels)
+            kl = logits.pow(2).mean() * (float("inf") if self.calls == 3 else 0.1)
+            return StepOutput(ce + kl, logits, {"ce": ce.item(), "kl": kl.item()})
+
+    train, _ = loaders(n_train=32)
+    trainer = Trainer(TwoTerms(), config(tmp_path, epochs=1))
+    with pytest.raises(NonFiniteLossError, match=r"'kl'=inf.*batch 3/4") as info:
+        trainer.fit(train)
+    assert info.value.terms == ["kl"]
+    assert not (tmp_path / "checkpoints" / "last").exists()  # nothing bad was saved
+
+
+# --------------------------------------------------------------------------- engine features
+def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def run(batch_size: int, accum: int, out: Path):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.Tanh(), nn.Linear(16, 3))
+        torch.manual_seed(1)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = Trainer(Supervised(model), config(out, epochs=1, opt="momentum", lr=0.5, momentum=0.0,
+                                                    weight_decay=0.0, sched="none", warmup_epochs=0,
+                                                    grad_accum_steps=accum))
+        result = trainer.fit(DataLoader(TensorDataset(x, y), batch_size=batch_size))
+        return initial, {k: v.detach().clone() for k, v in model.state_dict().items()}, result
+
+    init_a, accumulated, result_a = run(4, 2, tmp_path / "a")
+    init_b, large, result_b = run(8, 1, tmp_path / "b")
+    assert result_a.history[0]["global_step"] == 1 and result_b.history[0]["global_step"] == 1
+    assert all(torch.equal(init_a[k], init_b[k]) for k in init_a)
+    assert not torch.allclose(large["1.weight"], init_b["1.weight"], atol=1e-3)  # an update happened
+    assert_same_state(accumulated, large, atol=1e-6)
+    # and without accumulation two updates happen, giving something else
+    _, two_steps, _ = run(4, 1, tmp_path / "c")
+    assert not torch.allclose(two_steps["1.weight"], large["1.weight"], atol=1e-4)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path: Path) -> None:
+    model = tiny_net()
+    seen: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer = Trainer(Supervised(model), config(tmp_path, epochs=1, mixed_precision="bf16"), class_names=CLASSES)
+    train, val = loaders(n_train=16, n_val=8)
+    result = trainer.fit(train, val)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert torch.bfloat16 in seen  # autocast was active in training
+    assert math.isfinite(result.history[0]["train_loss"]) and result.final_val_metrics["num_samples"] == 8
+    assert model[0].weight.dtype == torch.float32  # master weights stay in float32
+
+
+def test_schedule_is_stepped_per_optimizer_update(tmp_path: Path) -> None:
+    train, _ = loaders(n_train=32)  # 4 updates per epoch
+    trainer = make_trainer(tmp_path, epochs=2, lr=0.1, min_lr=0.001, warmup_epochs=1, warmup_lr=0.0)
+    result = trainer.fit(train)
+    # timm cosine over 8 updates, warm-up included: half-way after epoch 1, min_lr at the end.
+    assert result.history[0]["lr"] == pytest.approx(0.001 + 0.5 * (0.1 - 0.001))
+    assert result.history[1]["lr"] == pytest.approx(0.001)
+
+
+@pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
+@pytest.mark.parametrize("sched", ["onecycle", "step", "plateau", "none"])
+def test_other_schedulers_run(tmp_path: Path, sched: str) -> None:
+    train, val = loaders(n_train=16, n_val=8)
+    result = make_trainer(tmp_path, epochs=2, sched=sched, warmup_epochs=0).fit(train, val)
+    lrs = [row["lr"] for row in result.history]
+    assert all(lr > 0 for lr in lrs) or sched == "onecycle"
+    if sched == "none":
+        assert lrs == [0.02, 0.02]
+
+
+def test_channels_last(tmp_path: Path) -> None:
+    model = tiny_net()
+    trainer = Trainer(Supervised(model), config(tmp_path, epochs=1, channels_last=True, progress=True, log_every=1))
+    train, val = loaders(n_train=16, n_val=8)
+    result = trainer.fit(train, val)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert result.final_val_metrics["num_samples"] == 8
+
+
+@pytest.mark.slow
+def test_compile_runs(tmp_path: Path) -> None:
+    model = tiny_net(dropout=0.0)
+    trainer = Trainer(Supervised(model), config(tmp_path, epochs=1, compile=True))
+    train, val = loaders(n_train=16, n_val=8)
+    result = trainer.fit(train, val)
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert set(read_metadata(result.best_model_path)) >= {"epoch"}
+    load_model(tiny_net(), result.best_model_path)  # no _orig_mod. prefixes
+
+
+def test_trains_a_distiller_without_touching_the_teacher(tmp_path: Path) -> None:
+    from kdkit.distiller import Distiller
+
+    teacher = tiny_net(seed=11, dropout=0.0).eval()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = tiny_net(seed=12)
+    trainer = Trainer(Distiller(teacher, student), config(tmp_path, epochs=1), class_names=CLASSES)
+    train, val = loaders(n_train=16, n_val=8)
+    result = trainer.fit(train, val)
+    assert {"train_ce", "train_kl"} <= set(result.history[0])
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    fresh = tiny_net(seed=13)
+    load_model(fresh, result.best_model_path, expected_classes=CLASSES)  # student keys only
+
+
+def test_given_accelerator_and_trackers_are_used(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name = "recorder"
+        requires_logging_directory = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config: dict = {}
+            self.logs: list[tuple[int, dict]] = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values: dict) -> None:
+            self.config = dict(values)
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            self.logs.append((step, dict(values)))
+
+    recorder = Recorder()
+    accelerator = Accelerator(log_with=[recorder])
+    trainer = Trainer(Supervised(tiny_net()), config(tmp_path, epochs=2, grad_accum_steps=2), accelerator=accelerator,
+                      class_names=CLASSES)
+    assert trainer.accelerator is accelerator and accelerator.gradient_accumulation_steps == 2
+    trainer.fit(*loaders(n_train=16, n_val=8))
+    assert recorder.config["lr"] == 0.02 and recorder.config["epochs"] == 2
+    assert [step for step, _ in recorder.logs] == [1, 2]
+    assert {"train_loss", "val_accuracy", "lr", "images_per_sec"} <= set(recorder.logs[-1][1])
+
+
+def test_config_validation_names_the_field(tmp_path: Path) -> None:
+    bad = {
+        "epochs": 0, "lr": -1.0, "grad_accum_steps": 0, "mixed_precision": "fp8", "sched": "cosinus",
+        "opt": "no-such-opt", "clip_grad_norm": 0.0, "keep_last": 0, "checkpoint_every": 1.5, "seed": -3,
+        "weight_decay": float("nan"), "channels_last": "yes",
+    }
+    with pytest.raises(ValueError, match="opt='momentum'"):
+        TrainConfig(opt="sgd", momentum=0.0)
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(output_dir=tmp_path, **{name: value})
+    with pytest.raises(ValueError, match="select_metric='nope'.*accuracy"):
+        make_trainer(tmp_path, epochs=1, select_metric="nope").fit(*loaders(n_train=8, n_val=8))
+    assert TrainConfig(select_metric="loss").select_mode == "min"
+    assert TrainConfig(select_metric="macro_f1").select_mode == "max"
+
+
+# --------------------------------------------------------------------------- multi-process
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_resumes_exactly(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes: gather_for_metrics de-duplicates, resume is exact."""
+
+    def free_port() -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def launch(out: Path, *args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        env.pop("ACCELERATE_USE_CPU", None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(SCRIPT), str(out), "--val-size", "13", *args]
+        return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=180)
+
+    done = launch(tmp_path / "ref")
+    assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
+    result = json.loads((tmp_path / "ref" / "result.json").read_text())
+    assert result["num_processes"] == 2
+    assert all(row["val_num_samples"] == 13 for row in result["history"])
+
+    crashed = launch(tmp_path / "run", "--crash-at", "5")  # epoch 2 of 3 (3 batches per process)
+    assert crashed.returncode != 0
+    done = launch(tmp_path / "run", "--resume")
+    assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
+    _compare_runs(tmp_path / "ref", tmp_path / "run")
