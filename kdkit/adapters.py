@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 ADAPTERS: Registry[nn.Module] = Registry("adapter")
+"""Every registered channel-projection factory, by name."""
 register_adapter = ADAPTERS.register
 """Registers a channel projection ``factory(in_channels, out_channels, layout) -> nn.Module``,
 where ``layout`` is ``"map"`` (NCHW) or ``"tokens"``/``"vector"`` (channels last)."""
@@ -141,7 +142,7 @@ def build_alignment(
         projection: Registered adapter name or factory for the channel projection.
 
     Returns:
-        An :class:`Alignment`; both sides are ``None`` when the shapes already agree.
+        The `Alignment`; both sides are ``None`` when the shapes already agree.
 
     Raises:
         ValueError: The layouts cannot be aligned (e.g. a vector against a map).

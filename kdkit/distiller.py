@@ -348,7 +348,7 @@ class Distiller(nn.Module):
             labels: Class indices; label terms are skipped when ``None``.
 
         Returns:
-            A :class:`~kdkit.StepOutput`; ``terms`` holds each weighted term as a float.
+            The step's `StepOutput`; ``terms`` holds each weighted term as a float.
         """
         teacher_outputs = [self._run_teacher(i, images) for i in range(len(self._teachers))]
         if self._student_taps is not None:

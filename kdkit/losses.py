@@ -80,9 +80,13 @@ __all__ = [
 ]
 
 LOSSES: Registry[nn.Module] = Registry("loss")
+"""Every registered loss class, by name."""
 register_loss = LOSSES.register
+"""Decorator registering a loss class under a name: ``@register_loss("my_loss")``."""
 build_loss = LOSSES.build
+"""Builds a registered loss by name: ``build_loss("kl", temperature=2.0)``."""
 list_losses = LOSSES.names
+"""The registered loss names, sorted."""
 
 
 class LabelLoss(nn.Module):

@@ -635,7 +635,7 @@ class Trainer:
                 there is none); a path continues from that checkpoint (or run directory).
 
         Returns:
-            A :class:`FitResult`.
+            The run's `FitResult`.
 
         Raises:
             NonFiniteLossError: a loss became NaN or infinite (the last good checkpoint is kept).

@@ -15,6 +15,8 @@ import torch
 from imblearn.over_sampling import SMOTE
 from PIL import Image
 
+from conftest import requires_real_data
+
 from kdkit import data
 from kdkit.data import (
     CorruptImageError,
@@ -30,21 +32,6 @@ from kdkit.data import (
     stratified_split_indices,
     train_transforms,
 )
-
-
-def _real_dataset(name: str) -> Path | None:
-    try:
-        return dataset_dir(name)
-    except FileNotFoundError:
-        return None
-
-
-def requires_real_data(name: str) -> pytest.MarkDecorator:
-    """Skip unless the real data set ``name`` is found by the library's own lookup."""
-    return pytest.mark.skipif(
-        _real_dataset(name) is None,
-        reason=f"real data set {name}/ not found (put it under ../shared/data or set KDKIT_DATA_ROOT)",
-    )
 
 
 def _noise(height: int = 24, width: int = 20, seed: int = 0) -> np.ndarray:

@@ -1,0 +1,117 @@
+"""Shared parts of the benchmark scripts: the run metadata and the JSON + Markdown writer.
+
+Every script records what was run and where (:func:`run_metadata`) and writes its figures with
+:func:`write_results` as ``<name>.json`` and ``<name>.md`` under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import timm
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+METADATA_LABELS = {
+    "command": "Command",
+    "date_utc": "Date (UTC)",
+    "cpu_model": "CPU",
+    "cpu_count": "CPU cores (`os.cpu_count()`)",
+    "torch_threads": "torch threads",
+    "python": "Python",
+    "torch": "torch",
+    "timm": "timm",
+}
+
+
+def cpu_model() -> str:
+    """Returns the CPU model name from ``/proc/cpuinfo``, or ``platform.processor()`` elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Describes the run: the exact command line, the machine, the library versions and the date.
+
+    Args:
+        argv: The command line, interpreter first; by default ``sys.orig_argv``, the command as typed.
+
+    Returns:
+        A JSON-serialisable dict with the keys of :data:`METADATA_LABELS`.
+    """
+    argv = list(sys.orig_argv if argv is None else argv)
+    return {
+        "command": shlex.join(argv),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
+    """Formats rows as a GitHub Markdown table.
+
+    Args:
+        headers: Column titles.
+        rows: One sequence of cells per row; cells are formatted with ``str``.
+        align: One character per column, ``l`` or ``r``; all left-aligned by default.
+
+    Returns:
+        The table, one line per row, without a trailing newline.
+    """
+    align = align or "l" * len(headers)
+    if len(align) != len(headers) or any(len(row) != len(headers) for row in rows):
+        raise ValueError("every row and the alignment need one entry per header")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [headers, rule, *[[str(cell) for cell in row] for row in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def write_results(
+    name: str,
+    title: str,
+    results: dict[str, object],
+    markdown: str,
+    metadata: dict[str, object],
+    output_dir: Path = RESULTS_DIR,
+) -> tuple[Path, Path]:
+    """Writes ``<name>.json`` (metadata and results) and ``<name>.md`` (metadata and ``markdown``).
+
+    Args:
+        name: File stem, e.g. ``"fidelity"``.
+        title: Heading of the Markdown file.
+        results: The figures, JSON-serialisable.
+        markdown: The Markdown body (tables and notes) to put under the metadata.
+        metadata: As returned by :func:`run_metadata`.
+        output_dir: Directory to write to; created if missing.
+
+    Returns:
+        The paths of the JSON and the Markdown file.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
+    json_path.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n", encoding="utf-8")
+    header = "\n".join(
+        f"- {METADATA_LABELS.get(key, key)}: " + (f"`{value}`" if key == "command" else str(value))
+        for key, value in metadata.items()
+    )
+    md_path.write_text(f"# {title}\n\n{header}\n\n{markdown.strip()}\n", encoding="utf-8")
+    return json_path, md_path

@@ -1,0 +1,24 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdkit.data import dataset_dir
+
+
+def _real_dataset(name: str) -> Path | None:
+    try:
+        return dataset_dir(name)
+    except FileNotFoundError:
+        return None
+
+
+def requires_real_data(name: str) -> pytest.MarkDecorator:
+    """Skip unless the real data set ``name`` is found by the library's own lookup."""
+    return pytest.mark.skipif(
+        _real_dataset(name) is None,
+        reason=f"real data set {name}/ not found (put it under ../shared/data or set KDKIT_DATA_ROOT)",
+    )

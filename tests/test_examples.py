@@ -1,0 +1,83 @@
+"""The examples end to end on the real Brain Tumor MRI data, through `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import requires_real_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "4",
+    "--seeds", "0", "--batch-size", "8", "--teacher-per-class", "8", "--threads", "1",
+]  # fmt: skip
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", script, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@requires_real_data("brain_tumor_mri")
+def test_hdkd_brain_end_to_end_and_resume(tmp_path):
+    output = tmp_path / "run"
+    done = _launch("examples/hdkd_brain.py", "--output-dir", str(output), *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads((output / "results.json").read_text())
+    assert set(results["teacher"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert [(r["size"], r["seed"], r["distill"]) for r in results["runs"]] == [(4, 0, False), (4, 0, True)]
+    for run in results["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["num_train"] == 16
+    assert results["config"]["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert "| 4 | accuracy |" in (output / "results.md").read_text()
+    for figure in ("accuracy_vs_size", "activation_maps", "confusion_teacher", "confusion_hdkd_4_seed0", "teacher_curves"):
+        assert (output / f"{figure}.png").stat().st_size > 1000, figure
+
+    # Resuming a finished experiment retrains nothing and reports the same test figures.
+    again = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--resume", *TINY)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((output / "results.json").read_text())
+    assert resumed["runs"] == results["runs"] and resumed["teacher"] == results["teacher"]
+
+
+def test_flags_reach_the_config():
+    from kdkit.recipe import build_parser, config_from_args
+
+    args = build_parser("brain_tumor_mri").parse_args(["--preset", "paper", "--sizes", "50,all", "--seeds", "1,2"])
+    config = config_from_args("brain_tumor_mri", args)
+    assert (config.image_size, config.student_epochs, config.sizes, config.seeds) == (224, 200, [50, None], [1, 2])
+    assert config.teacher_opt == "adam" and config.teacher_lr == 1e-3 and not config.smote
+    ham = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "cpu"]))
+    assert ham.smote and ham.image_size == 64
+
+
+@pytest.mark.slow
+def test_distill_any_on_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("test", 3)):
+        for index, name in enumerate(("cats", "dogs")):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.integers(0, 256, (40, 40, 3)) // (index + 1)).astype(np.uint8)).save(folder / f"{i}.png")
+    output = tmp_path / "out"
+    done = _launch(
+        "examples/distill_any.py", "--data", str(tmp_path / "data"), "--teacher", "resnet10t", "--student", "resnet10t",
+        "--losses", "ce=0.5,kl=0.5,fitnet=1", "--teacher-taps", "-1", "--image-size", "32", "--batch-size", "4",
+        "--teacher-epochs", "1", "--epochs", "1", "--output-dir", str(output),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "results.json").read_text())
+    assert report["classes"] == ["cats", "dogs"] and 0.0 <= report["test"]["accuracy"] <= 1.0
+    assert (output / "student" / "best_model.safetensors").is_file()
