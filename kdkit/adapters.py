@@ -25,6 +25,7 @@ __all__ = [
     "TokensToGrid",
     "build_alignment",
     "register_adapter",
+    "token_grid",
 ]
 
 ADAPTERS: Registry[nn.Module] = Registry("adapter")
@@ -94,7 +95,18 @@ class _GlobalPool(nn.Module):
         return x.mean(dim=tuple(range(2, x.ndim))) if x.ndim == 4 else x.mean(dim=1)
 
 
-def _grid_of(num_tokens: int, num_prefix_tokens: int | None, role: str, path: str) -> tuple[int, tuple[int, int]]:
+def token_grid(num_tokens: int, num_prefix_tokens: int | None, role: str, path: str) -> tuple[int, tuple[int, int]]:
+    """Returns ``(prefix_tokens, (H, W))`` laying ``num_tokens`` out on a square grid.
+
+    Args:
+        num_tokens: Tokens per sample, prefix (class/distillation) tokens included.
+        num_prefix_tokens: Known prefix count (timm's ``num_prefix_tokens``); tried as 0, 1, 2 if None.
+        role: ``"student"``, ``"teacher"`` or ``"model"``, for the error message.
+        path: The tapped module's path, for the error message.
+
+    Raises:
+        ValueError: No candidate prefix leaves a square number of tokens.
+    """
     candidates = [num_prefix_tokens] if num_prefix_tokens is not None else [0, 1, 2]
     for prefix in candidates:
         side = math.isqrt(num_tokens - prefix)
@@ -104,6 +116,17 @@ def _grid_of(num_tokens: int, num_prefix_tokens: int | None, role: str, path: st
         f"cannot lay the {num_tokens} tokens of {role} tap {path!r} out on a square grid "
         f"(prefix tokens tried: {candidates}); give the model a `num_prefix_tokens` attribute"
     )
+
+
+def _onto_grid(
+    shape: tuple[int, ...], prefix_tokens: int | None, role: str, path: str, steps: list[nn.Module]
+) -> tuple[int, tuple[int, ...]]:
+    """Appends the reshape a feature needs to become a map; returns its channels and size."""
+    if len(shape) == 3:
+        prefix, grid = token_grid(shape[1], prefix_tokens, role, path)
+        steps.append(TokensToGrid(prefix, grid))
+        return shape[2], grid
+    return shape[1], tuple(shape[2:])
 
 
 @dataclass
@@ -177,18 +200,8 @@ def build_alignment(
         return Alignment(make_projection(student_shape[2], teacher_shape[2], "tokens"), None)
 
     # Everything else meets on the (B, C, H, W) grid.
-    if s_rank == 3:
-        prefix, grid = _grid_of(student_shape[1], student_prefix_tokens, "student", student_path)
-        student_steps.append(TokensToGrid(prefix, grid))
-        s_channels, s_size = student_shape[2], grid
-    else:
-        s_channels, s_size = student_shape[1], tuple(student_shape[2:])
-    if t_rank == 3:
-        prefix, grid = _grid_of(teacher_shape[1], teacher_prefix_tokens, "teacher", teacher_path)
-        teacher_steps.append(TokensToGrid(prefix, grid))
-        t_channels, t_size = teacher_shape[2], grid
-    else:
-        t_channels, t_size = teacher_shape[1], tuple(teacher_shape[2:])
+    s_channels, s_size = _onto_grid(student_shape, student_prefix_tokens, "student", student_path, student_steps)
+    t_channels, t_size = _onto_grid(teacher_shape, teacher_prefix_tokens, "teacher", teacher_path, teacher_steps)
     if s_channels != t_channels:
         student_steps.append(make_projection(s_channels, t_channels, "map"))
     if s_size != t_size:

@@ -8,28 +8,23 @@ those maps for any model (CNN maps, or transformer tokens laid back out on their
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import TokensToGrid, token_grid
 from .taps import FeatureTaps, Selector, resolve_selector, unwrap_model
 
 __all__ = ["channel_mean_maps", "map_agreement"]
 
 
-def _as_grid(feature: Tensor, num_prefix_tokens: int | None) -> Tensor:
+def _as_grid(feature: Tensor, num_prefix_tokens: int | None, path: str) -> Tensor:
     if feature.ndim == 4:
         return feature
     if feature.ndim != 3:
-        raise ValueError(f"activation maps need (B, C, H, W) maps or (B, N, C) tokens, got {tuple(feature.shape)}")
-    candidates = [num_prefix_tokens] if num_prefix_tokens is not None else [0, 1, 2]
-    for prefix in candidates:
-        side = math.isqrt(feature.shape[1] - prefix)
-        if side * side == feature.shape[1] - prefix:
-            return feature[:, prefix:].transpose(1, 2).reshape(feature.shape[0], -1, side, side)
-    raise ValueError(f"cannot lay {feature.shape[1]} tokens out on a square grid")
+        raise ValueError(f"activation maps need (B, C, H, W) maps or (B, N, C) tokens, {path!r} gave {tuple(feature.shape)}")
+    prefix, grid = token_grid(feature.shape[1], num_prefix_tokens, "model", path)
+    return TokensToGrid(prefix, grid)(feature)
 
 
 @torch.no_grad()
@@ -57,7 +52,7 @@ def channel_mean_maps(model: nn.Module, images: Tensor, tap: Selector, *, normal
             (feature,) = taps.collect()
     finally:
         model.train(was_training)
-    grid = _as_grid(feature.float(), getattr(unwrap_model(model), "num_prefix_tokens", None))
+    grid = _as_grid(feature.float(), getattr(unwrap_model(model), "num_prefix_tokens", None), paths[0])
     maps = F.interpolate(grid.mean(dim=1, keepdim=True), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     if normalise:
         flat = maps.flatten(1)
