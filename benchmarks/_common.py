@@ -29,6 +29,7 @@ METADATA_LABELS = {
     "python": "Python",
     "torch": "torch",
     "timm": "timm",
+    "load_average_at_start": "Load average (1, 5, 15 min) at start",
 }
 
 
@@ -45,7 +46,7 @@ def cpu_model() -> str:
 
 
 def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
-    """Describes the run: the exact command line, the machine, the library versions and the date.
+    """Describes the run: the exact command line, the machine and its load, the library versions and the date.
 
     Args:
         argv: The command line, interpreter first; by default ``sys.orig_argv``, the command as typed.
@@ -63,6 +64,7 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "load_average_at_start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
 
 

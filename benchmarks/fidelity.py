@@ -20,9 +20,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import kdkit_zoo  # noqa: F401  (registers the HDKD models with timm)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kdkit_zoo  # noqa: E402,F401  (registers the HDKD models with timm)
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
 
 # The paper's published figures (Tables 1-2; MACs counted by ptflops at 224 px). Parameter counts
@@ -162,7 +163,7 @@ stride-4 stem as cutting the FLOPs about four-fold.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: 224, the paper's)")
     parser.add_argument(
         "--classes", type=int, nargs="+", default=[7, 4], help="classifier widths to measure (default: 7 4)"

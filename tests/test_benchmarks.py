@@ -1,0 +1,80 @@
+"""Fast checks of the benchmark scripts in ``benchmarks/`` (meta device and tiny models only)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import distill_speed  # noqa: E402
+import fidelity  # noqa: E402
+from _common import METADATA_LABELS, run_metadata, write_results  # noqa: E402
+
+TINY_SIZE = 32
+
+
+def test_fidelity_counts_the_exact_parameters():
+    measured = fidelity.measure("hdkd_teacher", num_classes=4)
+    assert measured["params"] == 3_948_290
+    assert measured["macs"] == pytest.approx(5.70e9, rel=0.01)
+    assert sum(measured["macs_by_op"].values()) == measured["macs"]
+
+
+def test_fidelity_quotes_paper_figures_only_where_given():
+    assert fidelity.paper_figures("hdkd_teacher", 4) == {"params": 3_948_290, "gmacs": 5.879, "source": "Tables 1-2"}
+    assert fidelity.paper_figures("hdkd_student", 4)["params"] is None
+    assert fidelity.paper_figures("hdkd_student_se", 7) == {"params": None, "gmacs": None, "source": "Table 6"}
+    assert fidelity.paper_figures("hdkd_teacher_stem4", 7)["source"] == "Table 7"
+
+
+def loss_and_gradient(method: str, teacher, student, images, labels) -> tuple[float, torch.Tensor]:
+    """Runs one compared step's loss on copies of the pair; returns the loss and the student's gradient."""
+    student = copy.deepcopy(student)
+    loss_fn, _ = distill_speed.METHODS[method](copy.deepcopy(teacher), student, TINY_SIZE)
+    loss = loss_fn(images, labels)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in student.parameters()])
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    teacher, student = distill_speed.build_pair(TINY_SIZE)
+    images, labels = distill_speed.make_batch(2, TINY_SIZE)
+    return (teacher, student, images, labels), loss_and_gradient("kdkit", teacher, student, images, labels)
+
+
+@pytest.mark.parametrize("method", ["floor", "rerun", "torchdistill"])
+def test_compared_steps_compute_kdkits_loss_and_gradients(method, tiny_setup):
+    """Same weights and batch: the floor, the authors' loop and torchdistill match the Distiller."""
+    inputs, (kdkit_loss, kdkit_grad) = tiny_setup
+    loss, grad = loss_and_gradient(method, *inputs)
+    assert loss == pytest.approx(kdkit_loss, abs=1e-4)
+    assert ((grad - kdkit_grad).norm() / kdkit_grad.norm()).item() < 1e-5
+
+
+def test_target_checks_compare_the_medians():
+    medians = {"kdkit": 1.04, "floor": 1.0, "rerun": 1.5, "torchdistill": 1.03}
+    checks = distill_speed.target_checks({name: {"median_step_s": s} for name, s in medians.items()})
+    assert [check["passed"] for check in checks] == [True, False, False]
+
+
+def test_results_writer_records_the_run(tmp_path):
+    metadata = run_metadata(["python", "benchmarks/fidelity.py", "--image-size", "224"])
+    json_path, md_path = write_results("demo", "Demo", {"answer": 42}, "| a |\n| --- |\n| 1 |", metadata, tmp_path)
+    stored = json.loads(json_path.read_text())
+    assert stored["results"] == {"answer": 42}
+    assert set(stored["metadata"]) == set(METADATA_LABELS)
+    assert stored["metadata"]["command"] == "python benchmarks/fidelity.py --image-size 224"
+    assert stored["metadata"]["cpu_count"] >= 1 and stored["metadata"]["cpu_model"]
+    assert stored["metadata"]["torch"] == torch.__version__
+    markdown = md_path.read_text()
+    assert markdown.startswith("# Demo\n")
+    assert "`python benchmarks/fidelity.py --image-size 224`" in markdown
+    assert f"CPU cores (`os.cpu_count()`): {stored['metadata']['cpu_count']}" in markdown
+    assert markdown.rstrip().endswith("| 1 |")
