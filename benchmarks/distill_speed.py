@@ -56,7 +56,7 @@ TAPS = ["stages.0", "stages.1", "stages.2"]
 CE_WEIGHT, KL_WEIGHT, FEATURE_WEIGHT, TEMPERATURE = 0.5, 0.5, 10.0, 1.0
 LEARNING_RATE = 1e-4
 SEED = 0
-MEMORY_EXTRA_STEPS = 2  # the memory probe runs the warm-up steps plus these
+MEMORY_STEPS = 2  # steps of each memory probe: the first allocates AdamW's state, the second reuses it
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -516,7 +516,7 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
         "imported and the two models and the batch exist, freed heap memory is returned to the system (glibc "
         "`malloc_trim`), the resident size is taken as the baseline and the kernel's RSS high-water mark is reset "
         "(`/proc/self/clear_refs`); then the variant is set up (Distiller or hooks, optimizer) and runs "
-        f"{args.warmup} + {MEMORY_EXTRA_STEPS} steps, and `VmHWM` is read from `/proc/self/status`. \"Peak RSS "
+        f"{MEMORY_STEPS} steps, and `VmHWM` is read from `/proc/self/status`. \"Peak RSS "
         "delta\" is that peak minus the baseline: activations, gradients, AdamW's state, runtime caches warmed on "
         "first use and allocator slack, as the operating system sees them (torch has no `max_memory_allocated` on "
         "CPU). \"Peak RSS\" is the whole process. torch.compile's compiler worker processes are not included.",
@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
     parser.add_argument("--image-size", type=int, default=112, help="input side, a multiple of 16 (default: 112)")
     parser.add_argument(
-        "--iters", type=int, default=20, help="timed rounds, one step of each variant per round (default: 20)"
+        "--iters", type=int, default=10, help="timed rounds, one step of each variant per round (default: 10)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant, at least 1 (default: 3)")
     parser.add_argument(
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"timing {names}: batch {args.batch_size}, {args.image_size} px, {args.threads} threads", flush=True)
     timing = measure_speed(names, args.batch_size, args.image_size, args.warmup, args.iters)
     print("peak memory, one fresh process per variant:", flush=True)
-    memory = measure_memory(names, args.batch_size, args.image_size, args.threads, args.warmup + MEMORY_EXTRA_STEPS)
+    memory = measure_memory(names, args.batch_size, args.image_size, args.threads, MEMORY_STEPS)
     rows = [summarise(name, timing[name], memory[name], args.batch_size) for name in names]
     checks = target_checks({row["variant"]: row for row in rows})
     markdown = to_markdown(rows, checks, args)
