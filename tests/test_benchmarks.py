@@ -60,8 +60,12 @@ def test_compared_steps_compute_kdkits_loss_and_gradients(method, tiny_setup):
 
 def test_target_checks_compare_the_medians():
     medians = {"kdkit": 1.04, "floor": 1.0, "rerun": 1.5, "torchdistill": 1.03}
-    checks = distill_speed.target_checks({name: {"median_step_s": s} for name, s in medians.items()})
+    by_name = {name: {"median_step_s": s, "step_s_q1_q3": [s - 0.01, s + 0.01]} for name, s in medians.items()}
+    checks = distill_speed.target_checks(by_name)
+    assert [check["compared_with"] for check in checks] == ["floor", "rerun", "torchdistill"]
     assert [check["passed"] for check in checks] == [True, False, False]
+    assert [check["quartiles_overlap"] for check in checks] == [False, False, True]
+    assert distill_speed.describe_check(checks[1]).startswith("- FAIL: kdkit at least 1.5x faster")
 
 
 def test_results_writer_records_the_run(tmp_path):
