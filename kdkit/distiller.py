@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .adapters import build_alignment
 from .checkpoint import save_model
 from .losses import LOSSES
-from .outputs import StepOutput
+from .outputs import StepOutput, mean_of_heads
 from .taps import FeatureTaps, TapSpec, match_taps, unwrap_model
 
 __all__ = ["Distiller", "LossTerm"]
@@ -84,12 +84,6 @@ def _as_terms(losses: Mapping[str, float] | Sequence[LossTerm] | None) -> list[L
     if duplicates:
         raise ValueError(f"loss terms need distinct names; repeated: {duplicates} (pass name=...)")
     return terms
-
-
-def _mean_of_heads(output: Tensor | Sequence[Tensor]) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    return torch.stack(tuple(output)).mean(dim=0)
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -283,10 +277,10 @@ class Distiller(nn.Module):
             model.eval()
         inputs = self._teacher_input(index, images)
         if not self._teacher_taps:
-            return _mean_of_heads(model(inputs)).float(), []
+            return mean_of_heads(model(inputs)).float(), []
         taps = self._teacher_taps[index]
         with taps.capture():
-            logits = _mean_of_heads(model(inputs)).float()
+            logits = mean_of_heads(model(inputs)).float()
         features = [feature.float() for feature in taps.collect()]
         transforms = self._teacher_transforms[index]
         return logits, [t(f) if t is not None else f for t, f in zip(transforms, features)]
@@ -358,7 +352,7 @@ class Distiller(nn.Module):
         else:
             output = self.student(images)
             student_feats = []
-        logits = _mean_of_heads(output)
+        logits = mean_of_heads(output)
         label_logits, distill_logits = self._pick_head(output, self.label_head), self._pick_head(output, self.distill_head)
         for index, (teacher_logits, _) in enumerate(teacher_outputs):
             if teacher_logits.shape != distill_logits.shape:
@@ -391,7 +385,7 @@ class Distiller(nn.Module):
 
     def _pick_head(self, output: Tensor | Sequence[Tensor], head: Head) -> Tensor:
         if isinstance(output, Tensor) or head == "mean":
-            return _mean_of_heads(output)
+            return mean_of_heads(output)
         heads = tuple(output)
         if len(heads) != 2:
             raise ValueError(f"a student with several heads must return (cls_logits, dist_logits), got {len(heads)} outputs")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-__all__ = ["StepOutput"]
+__all__ = ["StepOutput", "mean_of_heads"]
 
 
 @dataclass
@@ -23,3 +25,17 @@ class StepOutput:
     loss: Tensor | None
     logits: Tensor
     terms: dict[str, float] = field(default_factory=dict)
+
+
+def mean_of_heads(output: Tensor | Sequence[Tensor]) -> Tensor:
+    """Returns a model's logits: the tensor itself, or the mean of its heads (CLS and distillation).
+
+    Raises:
+        TypeError: The output is neither a tensor nor a non-empty sequence of tensors.
+    """
+    if isinstance(output, Tensor):
+        return output
+    heads = list(output)
+    if not heads or not all(isinstance(h, Tensor) for h in heads):
+        raise TypeError(f"the model returned {type(output).__name__}; expected a tensor or a tuple of logit tensors")
+    return heads[0] if len(heads) == 1 else torch.stack(heads).mean(0)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import atomic_write_text, fsync_dir, save_model, unwrap_model
-from .outputs import StepOutput
+from .outputs import StepOutput, mean_of_heads
 
 __all__ = [
     "FitResult",
@@ -251,15 +251,6 @@ class TrainConfig:
 
 
 # =========================================================================== tasks
-def _mean_of_heads(output: Tensor | Sequence[Tensor]) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    heads = list(output)
-    if not heads or not all(isinstance(h, Tensor) for h in heads):
-        raise TypeError(f"the model returned {type(output).__name__}; expected a tensor or a tuple of logit tensors")
-    return heads[0] if len(heads) == 1 else torch.stack(heads).mean(0)
-
-
 class Supervised(nn.Module):
     """Plain supervised training of a model, as a task module for the :class:`Trainer`.
 
@@ -281,7 +272,7 @@ class Supervised(nn.Module):
         self.term_name = name or ("ce" if loss is None else "loss")
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> StepOutput:
-        logits = _mean_of_heads(self.student(images))
+        logits = mean_of_heads(self.student(images))
         if labels is None:
             return StepOutput(loss=None, logits=logits, terms={})
         loss = F.cross_entropy(logits, labels) if self.loss_fn is None else self.loss_fn(logits, labels)
@@ -903,7 +894,7 @@ class Trainer:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with acc.autocast():
                     output = student(images)
-                logits = _mean_of_heads(output).float()
+                logits = mean_of_heads(output).float()
                 num_classes = logits.shape[-1]
                 losses = F.cross_entropy(logits, labels, reduction="none")
                 pred, label, loss = acc.gather_for_metrics((logits.argmax(-1), labels, losses))
