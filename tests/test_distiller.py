@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -338,3 +344,49 @@ def test_export_student_round_trip(tmp_path, batch):
     load_model(fresh, path, expected_classes=["a", "b", "c"])
     student.eval(), fresh.eval()
     torch.testing.assert_close(fresh(batch[0]), student(batch[0]), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- multi-process
+def _run_distill_script(output: Path, *extra: str, processes: int) -> None:
+    script = Path(__file__).parent / "scripts" / "distill_ddp.py"
+    env = dict(os.environ, PYTHONPATH=str(script.parents[2]), OMP_NUM_THREADS="1")
+    if processes == 1:
+        cmd = [sys.executable, str(script), str(output), *extra]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(script), str(output), *extra]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_parameters_of_one_with_the_same_global_batch(tmp_path):
+    """`accelerate launch` with 2 CPU processes == 1 process on the global batch; taps capture
+    on every process; the teacher is neither wrapped nor trained."""
+    from kdkit.checkpoint import load_safetensors
+
+    _run_distill_script(tmp_path / "one", processes=1)
+    _run_distill_script(tmp_path / "two", processes=2)
+    _run_distill_script(tmp_path / "no_features", "--feature-weight", "0", processes=1)
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2) and two["student_wrapped"]
+    for report in (one, two):
+        assert not report["teacher_in_wrapper_parameters"] and report["teacher_is_plain_module"]
+        assert report["teacher_unchanged"] and not report["teacher_training_mode"]
+    assert all(len(step) == 2 and min(step) > 0 for step in two["fitnet_terms"])
+
+    state_one, _ = load_safetensors(tmp_path / "one" / "state.safetensors")
+    state_two, _ = load_safetensors(tmp_path / "two" / "state.safetensors")
+    assert state_one.keys() == state_two.keys() and any(key.startswith("adapters") for key in state_one)
+    assert not any(key.startswith("teacher") for key in state_one)
+    for key in state_one:
+        torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The comparison is sensitive to the feature term: without it the parameters differ.
+    without, _ = load_safetensors(tmp_path / "no_features" / "state.safetensors")
+    assert any(not torch.allclose(without[key], state_one[key], atol=1e-4) for key in state_one if key.startswith("student"))

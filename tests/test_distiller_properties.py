@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from kdkit import Distiller
+from kdkit.losses import LOSSES
 
 MODULES = ["stem", "stem.0", "stem.1", "stage", "stage.0", "pool", "head"]
 
@@ -41,13 +42,38 @@ def test_random_taps_work_or_fail_clearly(t_width, s_width, s_stride, pairs, los
     teacher, student = Net(t_width, 2), Net(s_width, s_stride)
     try:
         distiller = Distiller(teacher, student, losses={loss: 1.0}, taps=pairs, input_size=16, align=align)
-        out = distiller(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+        images = torch.randn(4, 3, 16, 16)
+        out = distiller(images, torch.tensor([0, 1, 2, 0]))
     except (ValueError, TypeError) as error:
         message = str(error)
         # A clear error names the module paths or the shapes it is about.
         assert any(path in message for pair in pairs for path in pair) or "(" in message, message
         return
     assert math.isfinite(out.loss.item())
+    # Not silently wrong: the loss equals the registered loss on features captured by plain
+    # forward hooks, paired in the order given and passed through the Distiller's own adapters.
+    assert distiller._teacher_transforms == [[None] * len(pairs)]  # conv nets: no teacher-side reshaping
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+    handles = [
+        model.get_submodule(path).register_forward_hook(lambda m, i, o, key=(side, path): captured.__setitem__(key, o))
+        for side, model in (("teacher", teacher), ("student", student))
+        for path in {p[0 if side == "teacher" else 1] for p in pairs}
+    ]
+    with torch.no_grad():
+        teacher(images)
+        student(images)
+    for handle in handles:
+        handle.remove()
+    module = LOSSES.build(loss)
+    student_feats = []
+    for index, (_, s_path) in enumerate(pairs):
+        feature = captured["student", s_path]
+        if module.requires_alignment and f"teacher0_pair{index}" in distiller.adapters:
+            feature = distiller.adapters[f"teacher0_pair{index}"](feature)
+        student_feats.append(feature)
+    with torch.no_grad():
+        expected = module(student_feats, [captured["teacher", t_path] for t_path, _ in pairs])
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert any(p.grad is not None for p in student.parameters())
 
