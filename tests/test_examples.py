@@ -59,6 +59,18 @@ def test_flags_reach_the_config():
     assert ham.smote and ham.image_size == 64
 
 
+def test_student_image_budget_shortens_only_large_sets():
+    from kdkit.recipe import ExperimentConfig, build_parser, config_from_args
+
+    config = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--preset", "cpu"]))
+    assert config.student_image_budget == 18_000
+    assert [config.student_epochs_for(n) for n in (200, 600, 5137, 10**6)] == [30, 30, 4, 1]
+    uncapped = build_parser("brain_tumor_mri").parse_args(["--preset", "cpu", "--student-image-budget", "none"])
+    assert config_from_args("brain_tumor_mri", uncapped).student_epochs_for(5137) == 30
+    with pytest.raises(ValueError, match="student_image_budget"):
+        ExperimentConfig(student_image_budget=0)
+
+
 @pytest.mark.slow
 def test_distill_any_on_an_image_folder(tmp_path):
     import numpy as np
