@@ -17,6 +17,9 @@ from pathlib import Path
 
 import timm
 import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -66,6 +69,23 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
         "timm": timm.__version__,
         "load_average_at_start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
+
+
+def count_macs(model: nn.Module, image_size: int) -> tuple[int, dict[str, int]]:
+    """Counts the multiply-accumulates of one forward pass of one image (FLOPs / 2).
+
+    ``FlopCounterMode`` sees convolutions and matrix multiplications only; the math attention
+    backend decomposes attention into matmuls so that it is counted too. The model may live on
+    the ``meta`` device (shapes only).
+
+    Returns:
+        The total MACs and the MACs per counted aten op.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, image_size, image_size, device=device))
+    by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return counter.get_total_flops() // 2, by_op
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import kdkit_zoo  # noqa: F401  (registers the HDKD models with timm)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
+from _common import RESULTS_DIR, count_macs, markdown_table, run_metadata, write_results  # noqa: E402
 
 # The paper's published figures (Tables 1-2; MACs counted by ptflops at 224 px). Parameter counts
 # are per number of classes; the paper quotes one MAC figure per model.
@@ -65,12 +63,8 @@ def measure(name: str, num_classes: int, image_size: int = 224) -> dict[str, obj
     """
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=num_classes, img_size=image_size).eval()
-    params = sum(p.numel() for p in model.parameters())
-    # The math attention backend decomposes attention into matmuls, which the counter sees.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(torch.empty(1, 3, image_size, image_size, device="meta"))
-    by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
-    return {"params": params, "macs": counter.get_total_flops() // 2, "macs_by_op": by_op}
+    macs, by_op = count_macs(model, image_size)
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": macs, "macs_by_op": by_op}
 
 
 def paper_figures(name: str, num_classes: int) -> dict[str, object]:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 DATASETS = ("brain_tumor_mri", "ham10000")
 """The data sets the recipe knows how to load."""
+STUDENT, HDKD = "student", "HDKD"
+"""Names of the two arms every size and seed trains: the student alone, and distilled."""
 FEATURE_TAPS = ["stages.0", "stages.1", "stages.2"]
 """The three convolutional stages that teacher and student share, distilled without adapters."""
 
@@ -127,6 +129,9 @@ class ExperimentConfig:
         stage_alpha: Stage ``j`` of the feature MSE weighs ``j ** stage_alpha``.
         kl_reduction: ``"batchmean"``, or ``"mean"`` to also divide by the number of
             classes as the HDKD authors' code does.
+        baselines: timm model names trained from scratch beside the students (the paper's
+            Table 5), on the same subsets with the non-distilled student's epochs, optimizer
+            and schedule.
         teacher_per_class: Train the teacher on at most this many images per class (for quick
             trials); ``None`` uses the whole training pool.
         smote: Balance the teacher's training set with SMOTE (default: HAM10000 only).
@@ -162,6 +167,7 @@ class ExperimentConfig:
     feature_weight: float = 10.0
     stage_alpha: float = 1.0
     kl_reduction: str = "batchmean"
+    baselines: list[str] = field(default_factory=list)
     teacher_per_class: int | None = None
     smote: bool | None = None
     val_fraction: float = 0.1
@@ -179,6 +185,8 @@ class ExperimentConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.sizes or not self.seeds:
             raise ValueError("at least one size and one seed are needed")
+        if unknown := [name for name in self.baselines if not timm.is_model(name)]:
+            raise ValueError(f"unknown timm baseline model(s) {unknown}; see timm.list_models()")
         if self.student_image_budget is not None and self.student_image_budget < 1:
             raise ValueError(f"student_image_budget must be positive or None, got {self.student_image_budget}")
 
@@ -282,6 +290,12 @@ def _summary(metrics: dict[str, object]) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")}  # type: ignore[arg-type]
 
 
+def _mean_std(runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str) -> tuple[float, float]:
+    values = [100 * float(r[metric]) for r in runs if r["model"] == model and r["size"] == size]  # type: ignore[arg-type]
+    mean = statistics.fmean(values) if values else math.nan
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _results_markdown(results: dict[str, object], config: ExperimentConfig) -> str:
     runs = results["runs"]  # type: ignore[index]
     teacher = results["teacher"]  # type: ignore[index]
@@ -298,18 +312,30 @@ def _results_markdown(results: dict[str, object], config: ExperimentConfig) -> s
         "| images per class | metric | student | HDKD | gain |",
         "|---|---|---|---|---|",
     ]
-    for size in config.sizes:
-        label = _size_label(size)
-        for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
-            cells = []
-            means = []
-            for distill in (False, True):
-                values = [100 * r[metric] for r in runs if r["size"] == label and r["distill"] is distill]
-                mean = statistics.fmean(values) if values else math.nan
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                means.append(mean)
-                cells.append(f"{mean:.2f} ± {std:.2f}")
-            lines.append(f"| {label} | {metric} | {cells[0]} | {cells[1]} | {means[1] - means[0]:+.2f} |")
+    metrics = ("accuracy", "balanced_accuracy", "macro_f1")
+    for size in map(_size_label, config.sizes):
+        for metric in metrics:
+            (s_mean, s_std), (h_mean, h_std) = (_mean_std(runs, arm, size, metric) for arm in (STUDENT, HDKD))
+            lines.append(f"| {size} | {metric} | {s_mean:.2f} ± {s_std:.2f} | {h_mean:.2f} ± {h_std:.2f} | {h_mean - s_mean:+.2f} |")
+    if config.baselines:
+        arms = [*config.baselines, STUDENT, HDKD]
+        lines += [
+            "",
+            "Baselines from scratch (timm), on the same images with the student's epochs, optimizer and schedule; "
+            "training time is the mean per run.",
+            "",
+            "| images per class | metric | " + " | ".join(f"`{arm}`" if arm in config.baselines else arm for arm in arms) + " |",
+            "|---|---|" + "---|" * len(arms),
+        ]
+        for size in map(_size_label, config.sizes):
+            for metric in metrics:
+                cells = ["{:.2f} ± {:.2f}".format(*_mean_std(runs, arm, size, metric)) for arm in arms]
+                lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
+            seconds = [
+                statistics.fmean([float(r["train_seconds"]) for r in runs if r["model"] == arm and r["size"] == size] or [math.nan])
+                for arm in arms
+            ]
+            lines.append(f"| {size} | training time (s) | " + " | ".join(f"{value:.0f}" for value in seconds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,28 +387,30 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     teacher.eval()
     logger.info("teacher test accuracy %.4f", teacher_metrics["accuracy"])
 
-    # Phase 2: the students, alone and distilled, for each size and seed.
+    # Phase 2: the students, alone and distilled, and any baselines, for each size and seed.
     runs: list[dict[str, object]] = []
     figure_models: dict[str, nn.Module] = {"teacher": teacher}
     for size in config.sizes:
         for seed in config.seeds:
             subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
-            for distill in (False, True):
-                name = f"{'hdkd' if distill else 'student'}_{_size_label(size)}_seed{seed}"
+            for arm in (STUDENT, HDKD, *config.baselines):
+                name = f"{arm.lower()}_{_size_label(size)}_seed{seed}"
                 torch.manual_seed(seed)
-                if distill:
-                    student = timm.create_model("hdkd_student", num_classes=len(classes), img_size=config.image_size)
+                if arm == HDKD:
+                    model = timm.create_model("hdkd_student", num_classes=len(classes), img_size=config.image_size)
                     task: nn.Module = Distiller(
-                        teacher, student, losses=hdkd_losses(config), taps=FEATURE_TAPS, input_size=config.image_size
+                        teacher, model, losses=hdkd_losses(config), taps=FEATURE_TAPS, input_size=config.image_size
                     )
+                elif arm == STUDENT:
+                    model = timm.create_model("hdkd_student_nodistill", num_classes=len(classes), img_size=config.image_size)
+                    task = Supervised(model)
                 else:
-                    student = timm.create_model("hdkd_student_nodistill", num_classes=len(classes), img_size=config.image_size)
-                    task = Supervised(student)
+                    task = Supervised(model := timm.create_model(arm, num_classes=len(classes)))
                 train_config = _train_config(config, output_dir / name, teacher=False, seed=seed, num_images=len(subset))
                 outcome = _fit_and_test(task, train_config, splits, subset, config)
-                student.eval()
-                if size == config.sizes[0] and seed == config.seeds[0]:
-                    figure_models["HDKD" if distill else "student"] = student
+                model.eval()
+                if size == config.sizes[0] and seed == config.seeds[0] and arm in (STUDENT, HDKD):
+                    figure_models[arm] = model
                     if state.is_main_process:
                         plot_confusion_matrix(
                             outcome["test"]["confusion_matrix"], classes, output_dir / f"confusion_{name}.png", title=name
@@ -390,11 +418,13 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                         plot_training_curves(outcome["fit"].history, output_dir / f"curves_{name}.png")
                 runs.append(
                     {
+                        "model": arm,
                         "size": _size_label(size),
                         "seed": seed,
-                        "distill": distill,
+                        "distill": arm == HDKD,
                         "num_train": len(subset),
                         "epochs": train_config.epochs,
+                        "train_seconds": round(sum(row.get("train_time", 0.0) for row in outcome["fit"].history), 1),
                         **_summary(outcome["test"]),
                     }
                 )
@@ -408,7 +438,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     if state.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
         atomic_write_text(output_dir / "results.md", _results_markdown(results, config))
-        plot_accuracy_vs_size(runs, output_dir / "accuracy_vs_size.png")
+        plot_accuracy_vs_size([run for run in runs if run["model"] in (STUDENT, HDKD)], output_dir / "accuracy_vs_size.png")
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
         images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
         maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in figure_models.items()}
@@ -459,6 +489,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     parser.add_argument("--teacher-checkpoint", help="reuse a trained teacher (best_model.safetensors)")
+    parser.add_argument(
+        "--baselines",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=[],
+        help="timm models trained from scratch beside the students, e.g. mobilenetv2_100,efficientnet_b0,mobilevit_s",
+    )
     parser.add_argument("--teacher-per-class", type=int, help="train the teacher on at most N images per class")
     parser.add_argument("--kl-reduction", choices=["batchmean", "mean"], default="batchmean")
     parser.add_argument("--smote", action=argparse.BooleanOptionalAction, default=None, help="SMOTE for the teacher")
@@ -488,6 +524,7 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
         teacher_checkpoint=args.teacher_checkpoint,
         teacher_per_class=args.teacher_per_class,
         kl_reduction=args.kl_reduction,
+        baselines=args.baselines,
         smote=args.smote,
         workers=args.workers,
         resume=args.resume,

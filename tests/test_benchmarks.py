@@ -82,3 +82,27 @@ def test_results_writer_records_the_run(tmp_path):
     assert "`python benchmarks/fidelity.py --image-size 224`" in markdown
     assert f"CPU cores (`os.cpu_count()`): {stored['metadata']['cpu_count']}" in markdown
     assert markdown.rstrip().endswith("| 1 |")
+
+
+def test_inference_times_every_model_and_exports_a_matching_onnx_student(tmp_path):
+    import inference
+
+    args = inference.parse_args(
+        ["--image-size", "32", "--batch-size", "2", "--rounds", "2", "--latency-calls", "1", "--warmup", "0",
+         "--models", "hdkd_student", "mobilenetv2_100", "--threads", "1", "--output", str(tmp_path)]
+    )  # fmt: skip
+    results = inference.run(args)
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == ["hdkd_student", "mobilenetv2_100", inference.ONNX_NAME]
+    assert all(len(row["timings"]["latency_s"]) == 2 and row["images_per_s"] > 0 for row in rows.values())
+    assert rows["mobilenetv2_100"]["params_m"] == pytest.approx(2.229, abs=1e-3)
+    assert results["onnx"]["max_abs_diff"] < 1e-4 and results["onnx"]["size_mb"] > 10  # weights inside the file
+    markdown = inference.to_markdown(results, args)
+    assert "| `hdkd_student` |" in markdown and "| 1.00x |" in markdown.split("| `hdkd_student` |")[1].splitlines()[0]
+
+
+def test_inference_summary_takes_medians():
+    import inference
+
+    summary = inference.summarise({"latency_s": [0.010, 0.030, 0.020], "batch_s": [2.0, 1.0, 4.0]}, batch_size=32)
+    assert summary["latency_ms"] == pytest.approx(20.0) and summary["images_per_s"] == pytest.approx(16.0)

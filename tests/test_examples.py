@@ -28,21 +28,24 @@ def _launch(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 @requires_real_data("brain_tumor_mri")
 def test_hdkd_brain_end_to_end_and_resume(tmp_path):
     output = tmp_path / "run"
-    done = _launch("examples/hdkd_brain.py", "--output-dir", str(output), *TINY)
+    done = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--baselines", "resnet10t", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
 
     results = json.loads((output / "results.json").read_text())
     assert set(results["teacher"]) == {"accuracy", "balanced_accuracy", "macro_f1"}
-    assert [(r["size"], r["seed"], r["distill"]) for r in results["runs"]] == [(4, 0, False), (4, 0, True)]
+    assert [(r["model"], r["size"], r["seed"], r["distill"]) for r in results["runs"]] == [
+        ("student", 4, 0, False), ("HDKD", 4, 0, True), ("resnet10t", 4, 0, False)
+    ]
     for run in results["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0 and run["num_train"] == 16
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["num_train"] == 16 and run["train_seconds"] > 0
     assert results["config"]["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
-    assert "| 4 | accuracy |" in (output / "results.md").read_text()
+    report = (output / "results.md").read_text()
+    assert "| 4 | accuracy |" in report and "| images per class | metric | `resnet10t` | student | HDKD |" in report
     for figure in ("accuracy_vs_size", "activation_maps", "confusion_teacher", "confusion_hdkd_4_seed0", "teacher_curves"):
         assert (output / f"{figure}.png").stat().st_size > 1000, figure
 
     # Resuming a finished experiment retrains nothing and reports the same test figures.
-    again = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--resume", *TINY)
+    again = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--resume", "--baselines", "resnet10t", *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((output / "results.json").read_text())
     assert resumed["runs"] == results["runs"] and resumed["teacher"] == results["teacher"]
@@ -69,6 +72,8 @@ def test_student_image_budget_shortens_only_large_sets():
     assert config_from_args("brain_tumor_mri", uncapped).student_epochs_for(5137) == 30
     with pytest.raises(ValueError, match="student_image_budget"):
         ExperimentConfig(student_image_budget=0)
+    with pytest.raises(ValueError, match=r"unknown timm baseline model\(s\) \['mobilenet_v9'\]"):
+        ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
 
 
 @pytest.mark.slow
