@@ -38,7 +38,17 @@ from .explain import channel_mean_maps
 from .plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
 from .train import Supervised, TrainConfig, Trainer, distributed_without_accelerator
 
-__all__ = ["DATASETS", "PRESETS", "ExperimentConfig", "build_parser", "main", "run_experiment"]
+__all__ = [
+    "DATASETS",
+    "PRESETS",
+    "ExperimentConfig",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "results_markdown",
+    "run_experiment",
+    "set_cpu_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +306,8 @@ def _mean_std(runs: Sequence[dict[str, object]], model: str, size: int | str, me
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _results_markdown(results: dict[str, object], config: ExperimentConfig) -> str:
+def results_markdown(results: dict[str, object], config: ExperimentConfig) -> str:
+    """The ``results.md`` tables: student vs HDKD per size and metric, then any baselines."""
     runs = results["runs"]  # type: ignore[index]
     teacher = results["teacher"]  # type: ignore[index]
     lines = [
@@ -437,7 +448,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     }
     if state.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
-        atomic_write_text(output_dir / "results.md", _results_markdown(results, config))
+        atomic_write_text(output_dir / "results.md", results_markdown(results, config))
         plot_accuracy_vs_size([run for run in runs if run["model"] in (STUDENT, HDKD)], output_dir / "accuracy_vs_size.png")
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
         images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
@@ -532,7 +543,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     )
 
 
-def _set_cpu_threads(threads: int | None) -> None:
+def set_cpu_threads(threads: int | None) -> None:
+    """Sets torch's CPU threads: ``threads``, or the available cores shared by the local processes."""
     # `accelerate launch` exports OMP_NUM_THREADS=1 when it cannot count physical cores, which
     # halves CPU training speed on a two-core machine; share the available cores instead.
     if threads is None:
@@ -546,10 +558,10 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, object]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     args = build_parser(dataset).parse_args(argv)
-    _set_cpu_threads(args.threads)
+    set_cpu_threads(args.threads)
     config = config_from_args(dataset, args)
     results = run_experiment(config)
     if PartialState(cpu=distributed_without_accelerator()).is_main_process:
-        print(_results_markdown(results, config))
+        print(results_markdown(results, config))
         print(f"results written to {config.output_dir}")
     return results

@@ -106,3 +106,58 @@ def test_inference_summary_takes_medians():
 
     summary = inference.summarise({"latency_s": [0.010, 0.030, 0.020], "batch_s": [2.0, 1.0, 4.0]}, batch_size=32)
     assert summary["latency_ms"] == pytest.approx(20.0) and summary["images_per_s"] == pytest.approx(16.0)
+
+
+def test_data_efficiency_gains_and_targets():
+    import data_efficiency
+
+    runs = [
+        {"model": model, "size": size, "seed": seed, "accuracy": acc + 0.02 * seed}
+        for size, student, hdkd in ((50, 0.60, 0.72), ("all", 0.90, 0.89))
+        for seed in range(3)
+        for model, acc in (("student", student), ("HDKD", hdkd), ("resnet10t", 0.5))
+    ]
+    rows = data_efficiency.gains(runs, "accuracy")
+    assert [row["size"] for row in rows] == [50, "all"] and [row["seeds"] for row in rows] == [3, 3]
+    assert rows[0]["student_mean"] == pytest.approx(62.0) and rows[0]["hdkd_std"] == pytest.approx(2.0)
+    assert rows[0]["gain"] == pytest.approx(12.0) and rows[1]["gain"] == pytest.approx(-1.0)
+    checks = data_efficiency.target_checks(rows)
+    assert [check["passed"] for check in checks] == [True, False, True]
+    assert "+10 points at 50" in checks[-1]["target"]
+
+
+def test_data_efficiency_defaults_to_three_seeds_and_four_sizes():
+    import data_efficiency
+
+    dataset, args = data_efficiency.parse_args(["--dataset", "ham10000", "--student-epochs", "3"])
+    assert dataset == "ham10000" and args.seeds == [0, 1, 2] and args.sizes == [50, 100, 150, None]
+    assert args.output_dir == "runs/hdkd_ham10000" and args.student_epochs == 3
+    _, args = data_efficiency.parse_args(["--seeds", "4"])
+    assert args.seeds == [4] and args.output_dir == "runs/hdkd_brain"
+
+
+@pytest.mark.slow
+def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import data_efficiency
+
+    rng = np.random.default_rng(0)
+    for split, count in (("Training", 10), ("Testing", 2)):
+        for index, name in enumerate(["glioma", "meningioma", "notumor", "pituitary"]):
+            folder = tmp_path / "data" / "brain_tumor_mri" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.integers(0, 256, (40, 40, 3)) // (index + 1)).astype(np.uint8)).save(folder / f"{i}.png")
+    data_efficiency.main(
+        ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--results-dir", str(tmp_path / "results"),
+         "--image-size", "32", "--batch-size", "8", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "3,all",
+         "--seeds", "0,1", "--mixed-precision", "no", "--threads", "1"]
+    )  # fmt: skip
+    record = json.loads((tmp_path / "results" / "data_efficiency_brain_tumor_mri.json").read_text())
+    assert [row["size"] for row in record["results"]["gains"]["accuracy"]] == [3, "all"]
+    assert len(record["results"]["runs"]) == 8 and len(record["results"]["checks"]) == 3
+    markdown = (tmp_path / "results" / "data_efficiency_brain_tumor_mri.md").read_text()
+    assert "## Targets (mean test accuracy)" in markdown and "| all | 2 |" in markdown
+    assert (tmp_path / "results" / "data_efficiency_brain_tumor_mri" / "accuracy_vs_size.png").stat().st_size > 1000
