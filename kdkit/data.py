@@ -29,7 +29,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
+
+from ._progress import progress_bar
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -306,7 +307,7 @@ def _decode_images(
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
     kept: list[int] = []
     skipped: list[str] = []
-    for position, path in enumerate(tqdm(paths, desc=description, unit="img", disable=not progress)):
+    for position, path in enumerate(progress_bar(paths, desc=description, unit="img", disable=not progress)):
         try:
             pixels = _read_rgb(path, image_size)
         except (OSError, SyntaxError, ValueError) as error:

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._progress import progress_bar
 from .checkpoint import atomic_write_text, fsync_dir, save_model, unwrap_model
 from .outputs import StepOutput, mean_of_heads
 
@@ -760,8 +761,6 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _train_one_epoch(self, epoch: int, loader: Any) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         acc, cfg = self.accelerator, self.config
         self.task.train()
         self._seed_epoch(epoch, loader)
@@ -769,7 +768,7 @@ class Trainer:
         sums: dict[str, float] = {"loss": 0.0}
         seen = 0
         start = time.perf_counter()
-        bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+        bar = progress_bar(total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process))
         try:
             for index, batch in enumerate(loader):
