@@ -26,7 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
 
-from kdkit.recipe import DATASETS, HDKD, STUDENT, build_parser, config_from_args, run_experiment, set_cpu_threads  # noqa: E402
+from kdkit.recipe import (  # noqa: E402
+    DATASETS,
+    HDKD,
+    STUDENT,
+    build_parser,
+    config_from_args,
+    configure_logging,
+    run_experiment,
+    set_cpu_threads,
+)
 from kdkit.train import distributed_without_accelerator  # noqa: E402
 
 DEFAULT_SEEDS = [0, 1, 2]
@@ -123,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_logging()
     metadata = run_metadata()
     dataset, args = parse_args(argv)
     set_cpu_threads(args.threads)

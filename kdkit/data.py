@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ._progress import progress_bar
@@ -43,6 +43,7 @@ __all__ = [
     "load_brain_tumor_mri",
     "load_ham10000",
     "load_imagefolder",
+    "make_loader",
     "resolve_data_root",
     "smote_balance",
     "stratified_split_indices",
@@ -700,6 +701,22 @@ def load_ham10000(
 
 
 # --------------------------------------------------------------------------- subsets
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0) -> DataLoader:
+    """A DataLoader for training (shuffled, last partial batch dropped) or evaluation (in order, every image).
+
+    The partial batch is kept when the data set is smaller than one batch, so that a tiny
+    training set still yields a step.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def balanced_subset_indices(

@@ -230,20 +230,28 @@ def plot_activation_grid(
     images: Tensor | Sequence[Tensor],
     maps: Mapping[str, Sequence[Tensor]],
     path: str | os.PathLike,
+    *,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Plot sample images next to activation-map overlays of several models (HDKD Figure 5).
 
     Rows are samples; the first column shows the input, then one column per model with its map
     (channel-averaged if it has channels, upsampled to the image, min-max scaled) over the image.
+    The same figure shows class-activation maps (:func:`kdkit.explain.compare_maps`): input |
+    teacher | student, one row per test image.
 
     Args:
         images: ``N x C x H x W`` tensor or ``N`` tensors ``C x H x W``, uint8 or (normalised) float.
-        maps: Model name -> ``N`` maps, each ``h x w`` or ``C x h x w`` (e.g. stage-3 features).
+        maps: Model name -> ``N`` maps, each ``h x w`` or ``C x h x w`` (e.g. stage-3 features),
+            or an ``N x h x w`` tensor.
         path: Output PNG.
+        row_labels: A caption per sample (e.g. its true class), written left of the row.
+        title: Figure title.
 
     Raises:
-        ValueError: No images, a model with a different number of maps than images, or
-            maps/images of the wrong rank.
+        ValueError: No images, a model with a different number of maps than images, a row
+            label per image missing, or maps/images of the wrong rank.
     """
     samples = [torch.as_tensor(image).detach().cpu() for image in images]
     if not samples:
@@ -251,6 +259,8 @@ def plot_activation_grid(
     for name, model_maps in maps.items():
         if len(model_maps) != len(samples):
             raise ValueError(f"{name!r} has {len(model_maps)} maps for {len(samples)} images")
+    if row_labels is not None and len(row_labels) != len(samples):
+        raise ValueError(f"{len(row_labels)} row labels for {len(samples)} images")
 
     columns = 1 + len(maps)
     figure = Figure(figsize=(2.2 * columns, 2.2 * len(samples) + 0.3), layout="constrained")
@@ -262,8 +272,12 @@ def plot_activation_grid(
             heat = _heatmap(torch.as_tensor(model_maps[row]).detach().cpu(), picture.shape[:2])
             grid[row, column].imshow(picture)
             grid[row, column].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-    for column, title in enumerate(["input", *maps]):
-        grid[0, column].set_title(title)
+    for column, column_title in enumerate(["input", *maps]):
+        grid[0, column].set_title(column_title)
     for axes in grid.flat:
         axes.set_axis_off()
+    for row, label in enumerate(row_labels or []):
+        grid[row, 0].text(-0.06, 0.5, label, transform=grid[row, 0].transAxes, rotation=90, ha="right", va="center")
+    if title:
+        figure.suptitle(title)
     return _save(figure, path)

@@ -40,10 +40,13 @@ from .train import Supervised, TrainConfig, Trainer, distributed_without_acceler
 
 __all__ = [
     "DATASETS",
+    "HDKD",
     "PRESETS",
+    "STUDENT",
     "ExperimentConfig",
     "build_parser",
     "config_from_args",
+    "configure_logging",
     "main",
     "results_markdown",
     "run_experiment",
@@ -221,14 +224,7 @@ def _load_splits(config: ExperimentConfig) -> dict[str, kdata.ImageTensorDataset
 
 
 def _loader(dataset: kdata.ImageTensorDataset, config: ExperimentConfig, *, train: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > config.batch_size,
-        num_workers=config.workers,
-        persistent_workers=config.workers > 0,
-    )
+    return kdata.make_loader(dataset, config.batch_size, train=train, workers=config.workers)
 
 
 def _train_config(
@@ -553,10 +549,15 @@ def set_cpu_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, object]:
-    """Parses the command line, runs the experiment and prints the results table."""
+def configure_logging() -> None:
+    """Logs kdkit's progress (one line per epoch and per finished run) with time stamps to stderr."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+
+
+def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Parses the command line, runs the experiment and prints the results table."""
+    configure_logging()
     args = build_parser(dataset).parse_args(argv)
     set_cpu_threads(args.threads)
     config = config_from_args(dataset, args)

@@ -229,6 +229,14 @@ def test_subset_shares_storage_and_composes():
     assert subset.images.shape == (3, 3, 2, 2)
 
 
+def test_make_loader_drops_the_partial_training_batch_unless_it_is_the_only_one():
+    dataset = _tiny_dataset(6)
+    assert [len(labels) for _, labels in data.make_loader(dataset, 4, train=True)] == [4]
+    assert [len(labels) for _, labels in data.make_loader(dataset, 8, train=True)] == [6]
+    evaluation = [labels.tolist() for _, labels in data.make_loader(dataset, 4, train=False)]
+    assert evaluation == [[0, 1, 0, 1], [0, 1]]  # every image, in order
+
+
 def test_dataset_rejects_bad_inputs():
     with pytest.raises(ValueError, match="uint8"):
         ImageTensorDataset(torch.zeros(2, 3, 4, 4), [0, 1], ["a", "b"])
