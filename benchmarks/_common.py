@@ -48,6 +48,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+SPEED_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD")
+"""Environment variables written into a run's command line, since they change its speed."""
+
+
 def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Describes the run: the exact command line, the machine and its load, the library versions and the date.
 
@@ -58,8 +62,10 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
         A JSON-serialisable dict with the keys of :data:`METADATA_LABELS`.
     """
     argv = list(sys.orig_argv if argv is None else argv)
+    # Variables that change the speed of the same command (the allocator, the thread pools).
+    settings = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith(SPEED_ENV_PREFIXES)]
     return {
-        "command": shlex.join(argv),
+        "command": shlex.join(settings + argv),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import distill_speed  # noqa: E402
 import fidelity  # noqa: E402
-from _common import METADATA_LABELS, run_metadata, write_results  # noqa: E402
+from _common import METADATA_LABELS, SPEED_ENV_PREFIXES, run_metadata, write_results  # noqa: E402
 
 TINY_SIZE = 32
 
@@ -68,7 +69,15 @@ def test_target_checks_compare_the_medians():
     assert distill_speed.describe_check(checks[1]).startswith("- FAIL: kdkit at least 1.5x faster")
 
 
-def test_results_writer_records_the_run(tmp_path):
+@pytest.fixture
+def no_speed_settings(monkeypatch):
+    """An environment without the variables that run_metadata writes into the command."""
+    for name in [name for name in os.environ if name.startswith(SPEED_ENV_PREFIXES)]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_results_writer_records_the_run(tmp_path, no_speed_settings):
     metadata = run_metadata(["python", "benchmarks/fidelity.py", "--image-size", "224"])
     json_path, md_path = write_results("demo", "Demo", {"answer": 42}, "| a |\n| --- |\n| 1 |", metadata, tmp_path)
     stored = json.loads(json_path.read_text())
@@ -82,6 +91,14 @@ def test_results_writer_records_the_run(tmp_path):
     assert "`python benchmarks/fidelity.py --image-size 224`" in markdown
     assert f"CPU cores (`os.cpu_count()`): {stored['metadata']['cpu_count']}" in markdown
     assert markdown.rstrip().endswith("| 1 |")
+
+
+def test_the_recorded_command_carries_the_settings_that_change_speed(no_speed_settings):
+    no_speed_settings.setenv("MALLOC_MMAP_THRESHOLD_", "1024")
+    no_speed_settings.setenv("OMP_NUM_THREADS", "1")
+    no_speed_settings.setenv("KDKIT_DATA_ROOT", "/elsewhere")  # not a speed setting: left out
+    command = run_metadata(["python", "benchmarks/inference.py"])["command"]
+    assert command == "MALLOC_MMAP_THRESHOLD_=1024 OMP_NUM_THREADS=1 python benchmarks/inference.py"
 
 
 def test_inference_times_every_model_and_exports_a_matching_onnx_student(tmp_path):
