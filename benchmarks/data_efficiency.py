@@ -46,14 +46,19 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def gains(runs: list[dict[str, object]], metric: str) -> list[dict[str, object]]:
-    """Per size: mean and std of the student alone and of HDKD over seeds, and the gain (points)."""
-    sizes = list(dict.fromkeys(run["size"] for run in runs))
+    """Per size: mean and std of the student alone and of HDKD over seeds, and the gain (points).
+
+    A size where one arm has no run yet (a ``--finished-only`` report) has no row.
+    """
     rows = []
-    for size in sizes:
+    for size in dict.fromkeys(run["size"] for run in runs):
         cells = {}
         for arm in (STUDENT, HDKD):
             values = [100 * float(r[metric]) for r in runs if r["model"] == arm and r["size"] == size]
-            cells[arm] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+            if values:
+                cells[arm] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+        if len(cells) < 2:
+            continue
         rows.append(
             {
                 "size": size,

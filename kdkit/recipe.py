@@ -36,7 +36,7 @@ from .checkpoint import atomic_write_text, load_model
 from .distiller import Distiller, LossTerm
 from .explain import channel_mean_maps
 from .plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
-from .train import Supervised, TrainConfig, Trainer, distributed_without_accelerator
+from .train import Supervised, TrainConfig, Trainer, checkpoint_epoch, distributed_without_accelerator
 
 __all__ = [
     "DATASETS",
@@ -151,6 +151,9 @@ class ExperimentConfig:
         val_fraction: Share of the training set held out for model selection.
         teacher_checkpoint: Reuse a trained teacher (safetensors from a previous run).
         resume: Continue interrupted runs and skip finished ones.
+        finished_only: Report only the runs that have finished and leave the others out,
+            training nothing (a report of a benchmark still running or cut short). Needs
+            ``resume`` and a finished teacher.
         workers: DataLoader worker processes.
         num_figure_images: Test images shown in the activation-map figure.
     """
@@ -186,6 +189,7 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     teacher_checkpoint: str | None = None
     resume: bool = False
+    finished_only: bool = False
     workers: int = 0
     num_figure_images: int = 4
 
@@ -198,6 +202,8 @@ class ExperimentConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.sizes or not self.seeds:
             raise ValueError("at least one size and one seed are needed")
+        if self.finished_only and not self.resume:
+            raise ValueError("finished_only reports the runs already in output_dir: it needs resume=True")
         if unknown := [name for name in self.baselines if not timm.is_model(name)]:
             raise ValueError(f"unknown timm baseline model(s) {unknown}; see timm.list_models()")
         if self.student_image_budget is not None and self.student_image_budget < 1:
@@ -292,6 +298,10 @@ def _fit_and_test(
     return {"fit": result, "test": test_metrics}
 
 
+def _finished(train_config: TrainConfig) -> bool:
+    return (checkpoint_epoch(Path(train_config.output_dir) / "checkpoints") or 0) >= train_config.epochs
+
+
 def _summary(metrics: dict[str, object]) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")}  # type: ignore[arg-type]
 
@@ -324,6 +334,8 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         for metric in metrics:
             (s_mean, s_std), (h_mean, h_std) = (_mean_std(runs, arm, size, metric) for arm in (STUDENT, HDKD))
             lines.append(f"| {size} | {metric} | {s_mean:.2f} ± {s_std:.2f} | {h_mean:.2f} ± {h_std:.2f} | {h_mean - s_mean:+.2f} |")
+    if unfinished := results.get("unfinished"):
+        lines += ["", f"Not finished, left out ({len(unfinished)} runs): " + ", ".join(f"`{name}`" for name in unfinished) + "."]
     if config.baselines:
         arms = [*config.baselines, STUDENT, HDKD]
         lines += [
@@ -385,9 +397,10 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
         if config.smote:
             images, labels = kdata.smote_balance(teacher_set.images, teacher_set.labels, seed=0)
             teacher_set = kdata.ImageTensorDataset(images, labels, classes, transform=train_tf)
-        outcome = _fit_and_test(
-            Supervised(teacher), _train_config(config, output_dir / "teacher", teacher=True, seed=0), splits, teacher_set, config
-        )
+        teacher_config = _train_config(config, output_dir / "teacher", teacher=True, seed=0)
+        if config.finished_only and not _finished(teacher_config):
+            raise ValueError(f"finished_only: the teacher in {teacher_config.output_dir} has not finished training")
+        outcome = _fit_and_test(Supervised(teacher), teacher_config, splits, teacher_set, config)
         teacher_metrics = outcome["test"]
         if state.is_main_process:
             plot_training_curves(outcome["fit"].history, output_dir / "teacher_curves.png")
@@ -396,6 +409,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
 
     # Phase 2: the students, alone and distilled, and any baselines, for each size and seed.
     runs: list[dict[str, object]] = []
+    unfinished: list[str] = []
     figure_models: dict[str, nn.Module] = {"teacher": teacher}
     for size in config.sizes:
         for seed in config.seeds:
@@ -414,6 +428,10 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
                 else:
                     task = Supervised(model := timm.create_model(arm, num_classes=len(classes)))
                 train_config = _train_config(config, output_dir / name, teacher=False, seed=seed, num_images=len(subset))
+                if config.finished_only and not _finished(train_config):
+                    logger.info("%s has not finished: left out of the report", name)
+                    unfinished.append(name)
+                    continue
                 outcome = _fit_and_test(task, train_config, splits, subset, config)
                 model.eval()
                 if size == config.sizes[0] and seed == config.seeds[0] and arm in (STUDENT, HDKD):
@@ -440,6 +458,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     results = {
         "teacher": _summary(teacher_metrics),
         "runs": runs,
+        "unfinished": unfinished,
         "config": {**dataclasses.asdict(config), "classes": classes, "seconds": round(time.perf_counter() - started, 1)},
     }
     if state.is_main_process:
@@ -512,6 +531,11 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="CPU threads per process (default: the available cores divided among the local processes)",
     )
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --resume: report the finished runs, leave the unfinished ones out, train nothing",
+    )
     return parser
 
 
@@ -535,6 +559,7 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
         smote=args.smote,
         workers=args.workers,
         resume=args.resume,
+        finished_only=args.finished_only,
         **values,  # type: ignore[arg-type]
     )
 

@@ -65,6 +65,7 @@ __all__ = [
     "Supervised",
     "TrainConfig",
     "Trainer",
+    "checkpoint_epoch",
     "find_checkpoint",
 ]
 
@@ -409,6 +410,16 @@ def find_checkpoint(path: PathType) -> Path | None:
         if candidate.name == "last" and candidate.exists() and not _is_complete(candidate) and _is_complete(previous):
             return previous
     return None
+
+
+def checkpoint_epoch(path: PathType) -> int | None:
+    """Returns the number of epochs the complete checkpoint at ``path`` holds, or ``None`` without one.
+
+    ``path`` is resolved like :func:`find_checkpoint`; compare with ``TrainConfig.epochs`` to
+    tell a finished run from an interrupted one without starting a Trainer.
+    """
+    found = find_checkpoint(path)
+    return None if found is None else int(_read_state(found)["epoch"])
 
 
 def _fsync_tree(path: Path) -> None:

@@ -142,6 +142,10 @@ def test_data_efficiency_gains_and_targets():
     assert [check["passed"] for check in checks] == [True, False, True]
     assert "+10 points at 50" in checks[-1]["target"]
 
+    # A partial report: at 150 only the student alone has finished, so the size has no row yet.
+    partial = [*runs, {"model": "student", "size": 150, "seed": 0, "accuracy": 0.7}]
+    assert [row["size"] for row in data_efficiency.gains(partial, "accuracy")] == [50, "all"]
+
 
 def test_data_efficiency_defaults_to_three_seeds_and_four_sizes():
     import data_efficiency

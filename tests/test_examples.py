@@ -50,6 +50,16 @@ def test_hdkd_brain_end_to_end_and_resume(tmp_path):
     resumed = json.loads((output / "results.json").read_text())
     assert resumed["runs"] == results["runs"] and resumed["teacher"] == results["teacher"]
 
+    # A report of what has finished: the size never trained is left out, and nothing trains.
+    partial = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--resume", "--finished-only",
+                      "--baselines", "resnet10t", *TINY, "--sizes", "4,8")  # fmt: skip
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    reported = json.loads((output / "results.json").read_text())
+    assert reported["runs"] == results["runs"]
+    assert reported["unfinished"] == ["student_8_seed0", "hdkd_8_seed0", "resnet10t_8_seed0"]
+    assert not (output / "student_8_seed0").exists()
+    assert "Not finished, left out (3 runs): `student_8_seed0`" in (output / "results.md").read_text()
+
 
 def test_flags_reach_the_config():
     from kdkit.recipe import build_parser, config_from_args
@@ -74,6 +84,8 @@ def test_student_image_budget_shortens_only_large_sets():
         ExperimentConfig(student_image_budget=0)
     with pytest.raises(ValueError, match=r"unknown timm baseline model\(s\) \['mobilenet_v9'\]"):
         ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
+    with pytest.raises(ValueError, match="finished_only .* needs resume=True"):
+        ExperimentConfig(finished_only=True)
 
 
 @pytest.mark.slow
