@@ -48,6 +48,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _relative(arg: str) -> str:
+    """A path inside the working directory as typed from it (records name no machine's folders)."""
+    path = Path(arg)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return arg
+
+
 SPEED_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD")
 """Environment variables written into a run's command line, since they change its speed."""
 
@@ -61,7 +69,7 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
     Returns:
         A JSON-serialisable dict with the keys of :data:`METADATA_LABELS`.
     """
-    argv = list(sys.orig_argv if argv is None else argv)
+    argv = [_relative(arg) for arg in (sys.orig_argv if argv is None else argv)]
     # Variables that change the speed of the same command (the allocator, the thread pools).
     settings = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith(SPEED_ENV_PREFIXES)]
     return {

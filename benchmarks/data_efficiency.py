@@ -138,9 +138,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
-    metadata = run_metadata()
     dataset, args = parse_args(argv)
     set_cpu_threads(args.threads)
+    metadata = run_metadata()
     config = config_from_args(dataset, args)
     results = run_experiment(config)
     if not PartialState(cpu=distributed_without_accelerator()).is_main_process:

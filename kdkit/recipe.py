@@ -333,6 +333,8 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
     for size in map(_size_label, config.sizes):
         for metric in metrics:
             (s_mean, s_std), (h_mean, h_std) = (_mean_std(runs, arm, size, metric) for arm in (STUDENT, HDKD))
+            if math.isnan(s_mean) and math.isnan(h_mean):
+                continue  # no finished run at this size (finished_only)
             lines.append(f"| {size} | {metric} | {s_mean:.2f} ± {s_std:.2f} | {h_mean:.2f} ± {h_std:.2f} | {h_mean - s_mean:+.2f} |")
     if unfinished := results.get("unfinished"):
         lines += ["", f"Not finished, left out ({len(unfinished)} runs): " + ", ".join(f"`{name}`" for name in unfinished) + "."]
@@ -365,7 +367,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     """Runs both phases and writes ``results.json``, ``results.md`` and the figures.
 
     Returns:
-        The content of ``results.json``: ``{"teacher": {...}, "runs": [...], "config": {...}}``.
+        The content of ``results.json``: ``{"teacher": {...}, "runs": [...], "unfinished": [...], "config": {...}}``;
+        ``unfinished`` names the runs a ``finished_only`` report left out.
     """
     # Like the Trainer's Accelerator: under torchrun on a CPU-only machine, ask for CPU DDP.
     state = PartialState(cpu=distributed_without_accelerator())

@@ -97,8 +97,8 @@ def test_the_recorded_command_carries_the_settings_that_change_speed(no_speed_se
     no_speed_settings.setenv("MALLOC_MMAP_THRESHOLD_", "1024")
     no_speed_settings.setenv("OMP_NUM_THREADS", "1")
     no_speed_settings.setenv("KDKIT_DATA_ROOT", "/elsewhere")  # not a speed setting: left out
-    command = run_metadata(["python", "benchmarks/inference.py"])["command"]
-    assert command == "MALLOC_MMAP_THRESHOLD_=1024 OMP_NUM_THREADS=1 python benchmarks/inference.py"
+    command = run_metadata([str(Path.cwd() / ".venv" / "bin" / "python"), "benchmarks/inference.py"])["command"]
+    assert command == "MALLOC_MMAP_THRESHOLD_=1024 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference.py"
 
 
 def test_inference_times_every_model_and_exports_a_matching_onnx_student(tmp_path):
