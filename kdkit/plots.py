@@ -171,7 +171,12 @@ def plot_accuracy_vs_size(
     numeric_sizes = sorted({run["size"] for run in runs if run["size"] != "all"})
     sizes = numeric_sizes + (["all"] if any(run["size"] == "all" for run in runs) else [])
     position = {size: index for index, size in enumerate(sizes)}
-    seeds = len({run.get("seed") for run in runs})
+    # Seeds per plotted point: a partial report may have fewer at some sizes.
+    per_point = {(run["size"], bool(run["distill"])): set() for run in runs}
+    for run in runs:
+        per_point[(run["size"], bool(run["distill"]))].add(run.get("seed"))
+    low, high = min(map(len, per_point.values())), max(map(len, per_point.values()))
+    seed_label = f"{high} seed{'s' if high != 1 else ''}" if low == high else f"{low}-{high} seeds per point"
 
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")
     axes = figure.subplots()
@@ -194,7 +199,7 @@ def plot_accuracy_vs_size(
     axes.set(
         xlabel="training images per class",
         ylabel=pretty_metric,
-        title=f"{pretty_metric} vs training set size (mean ± std, {seeds} seed{'s' if seeds != 1 else ''})",
+        title=f"{pretty_metric} vs training set size (mean ± std, {seed_label})",
     )
     axes.grid(alpha=0.3)
     axes.legend()
