@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import timm
-from torch.utils.data import DataLoader
 
 import kdkit
 from kdkit import data as kdata
@@ -66,8 +65,8 @@ def main() -> None:
         train, val = train.subset(train_idx), train.subset(val_idx)
     train = train.with_transform(kdata.train_transforms(args.image_size))
     val = val.with_transform(kdata.eval_transforms(args.image_size))
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=len(train) > args.batch_size)
-    val_loader = DataLoader(val, batch_size=args.batch_size)
+    loader = kdata.make_loader(train, args.batch_size, train=True)
+    val_loader = kdata.make_loader(val, args.batch_size, train=False)
     output = Path(args.output_dir)
 
     def config(name: str, epochs: int) -> kdkit.TrainConfig:
@@ -94,7 +93,7 @@ def main() -> None:
     report = {"classes": classes, "best_val": {"epoch": result.best_epoch, result.select_metric: result.best_metric}}
     if "test" in splits:
         test = splits["test"].with_transform(kdata.eval_transforms(args.image_size))
-        metrics = trainer.evaluate(DataLoader(test, batch_size=args.batch_size))
+        metrics = trainer.evaluate(kdata.make_loader(test, args.batch_size, train=False))
         report["test"] = {key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
     if trainer.accelerator.is_main_process:
         (output / "results.json").write_text(json.dumps(report, indent=2))
