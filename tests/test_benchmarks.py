@@ -59,14 +59,41 @@ def test_compared_steps_compute_kdkits_loss_and_gradients(method, tiny_setup):
     assert ((grad - kdkit_grad).norm() / kdkit_grad.norm()).item() < 1e-5
 
 
-def test_target_checks_compare_the_medians():
-    medians = {"kdkit": 1.04, "floor": 1.0, "rerun": 1.5, "torchdistill": 1.03}
-    by_name = {name: {"median_step_s": s, "step_s_q1_q3": [s - 0.01, s + 0.01]} for name, s in medians.items()}
+def _rounds(median: float, spread: float, rounds: int = 10) -> list[float]:
+    """Step times around ``median``, evenly spread by ``spread`` either side."""
+    return [median + spread * (2 * index / (rounds - 1) - 1) for index in range(rounds)]
+
+
+def test_target_checks_pair_the_rounds_and_judge_the_upper_confidence_bound():
+    kdkit = _rounds(1.0, 0.1)
+    # Each other variant's step in a round is kdkit's times a fixed factor, except torchdistill,
+    # whose ratio to kdkit wobbles around 1 by round: +-0.5% or +-3%.
+    by_name = {
+        "kdkit": {"step_s": kdkit},
+        "floor": {"step_s": [t / 1.04 for t in kdkit]},
+        "rerun": {"step_s": [t * 1.4 for t in kdkit]},
+        "torchdistill": {"step_s": [t * (1 + 0.005 * (-1) ** i) for i, t in enumerate(kdkit)]},
+    }
     checks = distill_speed.target_checks(by_name)
     assert [check["compared_with"] for check in checks] == ["floor", "rerun", "torchdistill"]
-    assert [check["passed"] for check in checks] == [True, False, False]
-    assert [check["quartiles_overlap"] for check in checks] == [False, False, True]
+    assert [check["step_time_ratio"] for check in checks] == pytest.approx([1.04, 1 / 1.4, 1.0], abs=1e-3)
+    # The shared load of a round cancels: kdkit's own 20% spread leaves the floor's interval a point.
+    assert checks[0]["ratio_interval"] == pytest.approx([1.04, 1.04])
+    assert [check["passed"] for check in checks] == [True, False, True]
     assert distill_speed.describe_check(checks[1]).startswith("- FAIL: kdkit at least 1.5x faster")
+
+    by_name["torchdistill"]["step_s"] = [t * (1 + 0.03 * (-1) ** i) for i, t in enumerate(kdkit)]
+    noisy = distill_speed.target_checks(by_name)[2]
+    assert noisy["step_time_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert noisy["ratio_interval"][1] > 1.01 and not noisy["passed"]  # equal medians, too noisy to tell
+
+
+def test_target_checks_fail_with_too_few_rounds_for_an_interval():
+    by_name = {"kdkit": {"step_s": [1.0] * 5}, "rerun": {"step_s": [3.0] * 5}}
+    (check,) = distill_speed.target_checks(by_name)
+    assert check["step_time_ratio"] == pytest.approx(1 / 3)
+    assert check["ratio_interval"] is None and not check["passed"]
+    assert "5 paired rounds are too few" in distill_speed.describe_check(check)
 
 
 @pytest.fixture
