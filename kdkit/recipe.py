@@ -145,6 +145,8 @@ class ExperimentConfig:
         baselines: timm model names trained from scratch beside the students (the paper's
             Table 5), on the same subsets with the non-distilled student's epochs, optimizer
             and schedule.
+        baseline_seeds: The seeds at which the baselines train (a subset of ``seeds``);
+            ``None``: every seed.
         teacher_per_class: Train the teacher on at most this many images per class (for quick
             trials); ``None`` uses the whole training pool.
         smote: Balance the teacher's training set with SMOTE (default: HAM10000 only).
@@ -184,6 +186,7 @@ class ExperimentConfig:
     stage_alpha: float = 1.0
     kl_reduction: str = "batchmean"
     baselines: list[str] = field(default_factory=list)
+    baseline_seeds: list[int] | None = None
     teacher_per_class: int | None = None
     smote: bool | None = None
     val_fraction: float = 0.1
@@ -206,6 +209,8 @@ class ExperimentConfig:
             raise ValueError("finished_only reports the runs already in output_dir: it needs resume=True")
         if unknown := [name for name in self.baselines if not timm.is_model(name)]:
             raise ValueError(f"unknown timm baseline model(s) {unknown}; see timm.list_models()")
+        if self.baseline_seeds is not None and (stray := sorted(set(self.baseline_seeds) - set(self.seeds))):
+            raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
         if self.student_image_budget is not None and self.student_image_budget < 1:
             raise ValueError(f"student_image_budget must be positive or None, got {self.student_image_budget}")
 
@@ -306,10 +311,21 @@ def _summary(metrics: dict[str, object]) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")}  # type: ignore[arg-type]
 
 
+def _metric_values(runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str) -> list[float]:
+    return [100 * float(r[metric]) for r in runs if r["model"] == model and r["size"] == size]  # type: ignore[arg-type]
+
+
 def _mean_std(runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str) -> tuple[float, float]:
-    values = [100 * float(r[metric]) for r in runs if r["model"] == model and r["size"] == size]  # type: ignore[arg-type]
+    values = _metric_values(runs, model, size, metric)
     mean = statistics.fmean(values) if values else math.nan
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _summary_cell(values: list[float]) -> str:
+    """``mean ± std`` over seeds; a single run says so rather than showing a spread of zero."""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return "{:.2f} ± {:.2f}".format(statistics.fmean(values), statistics.stdev(values)) if values else "-"
 
 
 def results_markdown(results: dict[str, object], config: ExperimentConfig) -> str:
@@ -350,7 +366,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         ]
         for size in map(_size_label, config.sizes):
             for metric in metrics:
-                cells = ["{:.2f} ± {:.2f}".format(*_mean_std(runs, arm, size, metric)) for arm in arms]
+                cells = [_summary_cell(_metric_values(runs, arm, size, metric)) for arm in arms]
                 lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
             seconds = [
                 statistics.fmean([float(r["train_seconds"]) for r in runs if r["model"] == arm and r["size"] == size] or [math.nan])
@@ -417,7 +433,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     for size in config.sizes:
         for seed in config.seeds:
             subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
-            for arm in (STUDENT, HDKD, *config.baselines):
+            baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
+            for arm in (STUDENT, HDKD, *baselines):
                 name = f"{arm.lower()}_{_size_label(size)}_seed{seed}"
                 torch.manual_seed(seed)
                 if arm == HDKD:
@@ -524,6 +541,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=[],
         help="timm models trained from scratch beside the students, e.g. mobilenetv2_100,efficientnet_b0,mobilevit_s",
     )
+    parser.add_argument(
+        "--baseline-seeds", type=_parse_ints, help="train the baselines at these seeds only (default: every seed)"
+    )
     parser.add_argument("--teacher-per-class", type=int, help="train the teacher on at most N images per class")
     parser.add_argument("--kl-reduction", choices=["batchmean", "mean"], default="batchmean")
     parser.add_argument("--smote", action=argparse.BooleanOptionalAction, default=None, help="SMOTE for the teacher")
@@ -559,6 +579,7 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
         teacher_per_class=args.teacher_per_class,
         kl_reduction=args.kl_reduction,
         baselines=args.baselines,
+        baseline_seeds=args.baseline_seeds,
         smote=args.smote,
         workers=args.workers,
         resume=args.resume,

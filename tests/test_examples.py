@@ -50,15 +50,21 @@ def test_hdkd_brain_end_to_end_and_resume(tmp_path):
     resumed = json.loads((output / "results.json").read_text())
     assert resumed["runs"] == results["runs"] and resumed["teacher"] == results["teacher"]
 
-    # A report of what has finished: the size never trained is left out, and nothing trains.
+    # A report of what has finished: the size and seed never trained are left out, nothing trains,
+    # and the baseline, asked for at seed 0 only, is missed at seed 0 only.
     partial = _launch("examples/hdkd_brain.py", "--output-dir", str(output), "--resume", "--finished-only",
-                      "--baselines", "resnet10t", *TINY, "--sizes", "4,8")  # fmt: skip
+                      "--baselines", "resnet10t", *TINY, "--sizes", "4,8", "--seeds", "0,1", "--baseline-seeds", "0")  # fmt: skip
     assert partial.returncode == 0, partial.stderr[-3000:]
     reported = json.loads((output / "results.json").read_text())
     assert reported["runs"] == results["runs"]
-    assert reported["unfinished"] == ["student_8_seed0", "hdkd_8_seed0", "resnet10t_8_seed0"]
+    assert reported["unfinished"] == [
+        "student_4_seed1", "hdkd_4_seed1", "student_8_seed0", "hdkd_8_seed0", "resnet10t_8_seed0", "student_8_seed1", "hdkd_8_seed1"
+    ]  # fmt: skip
     assert not (output / "student_8_seed0").exists()
-    assert "Not finished, left out (3 runs): `student_8_seed0`" in (output / "results.md").read_text()
+    report = (output / "results.md").read_text()
+    assert "Not finished, left out (7 runs): `student_4_seed1`" in report
+    baseline_accuracy = 100 * results["runs"][2]["accuracy"]
+    assert f"| 4 | accuracy | {baseline_accuracy:.2f} (1 seed) |" in report
 
 
 def test_flags_reach_the_config():
@@ -86,6 +92,8 @@ def test_student_image_budget_shortens_only_large_sets():
         ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
     with pytest.raises(ValueError, match="finished_only .* needs resume=True"):
         ExperimentConfig(finished_only=True)
+    with pytest.raises(ValueError, match=r"baseline_seeds \[3\] are not among the seeds \[0, 1\]"):
+        ExperimentConfig(seeds=[0, 1], baselines=["resnet10t"], baseline_seeds=[1, 3])
 
 
 @pytest.mark.slow
