@@ -445,7 +445,7 @@ def target_checks(by_name: dict[str, dict]) -> list[dict[str, object]]:
             continue
         ratios = [mine / theirs for mine, theirs in zip(kdkit["step_s"], by_name[other_name]["step_s"], strict=True)]
         median = statistics.median(ratios)
-        # Distribution-free (order-statistic) interval of the median ratio.
+        # Distribution-free (order-statistic) interval of the median ratio; q only sets the unused p-value.
         interval = quantile_test(ratios, q=median, p=0.5).confidence_interval(CONFIDENCE)
         bounded = math.isfinite(interval.low) and math.isfinite(interval.high)  # not with too few rounds
         checks.append(
@@ -505,7 +505,7 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
         "images/s (median)",
         "images/s (interquartile)",
         "ms/step",
-        "speed vs. kdkit",
+        "speed vs. kdkit (ratio of medians)",
         "peak RSS delta, MiB",
         "peak RSS, MiB",
         "setup + warm-up, s",
@@ -538,7 +538,9 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
         "",
         f"Timing: {args.warmup} untimed warm-up steps per variant, then {args.iters} rounds of one step of every "
         "variant, the order rotating each round so background load hits all alike; images/s = batch / median "
-        "step time, with the interquartile range over the rounds.",
+        "step time, with the interquartile range over the rounds. The targets instead divide kdkit's step time by the "
+        f"other variant's in the same round and take the median of these ratios, with its {CONFIDENCE:.0%} confidence interval "
+        "(order statistics, `scipy.stats.quantile_test`); a target passes when it holds at the interval's upper end.",
         "",
         "Peak memory: each variant runs again in a fresh process (spawned, same threads). Once the libraries are "
         "imported and the two models and the batch exist, freed heap memory is returned to the system (glibc "

@@ -209,8 +209,11 @@ class ExperimentConfig:
             raise ValueError("finished_only reports the runs already in output_dir: it needs resume=True")
         if unknown := [name for name in self.baselines if not timm.is_model(name)]:
             raise ValueError(f"unknown timm baseline model(s) {unknown}; see timm.list_models()")
-        if self.baseline_seeds is not None and (stray := sorted(set(self.baseline_seeds) - set(self.seeds))):
-            raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
+        if self.baseline_seeds is not None:
+            if not self.baselines or not self.baseline_seeds:
+                raise ValueError("baseline_seeds needs baselines and at least one seed")
+            if stray := sorted(set(self.baseline_seeds) - set(self.seeds)):
+                raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
         if self.student_image_budget is not None and self.student_image_budget < 1:
             raise ValueError(f"student_image_budget must be positive or None, got {self.student_image_budget}")
 
@@ -311,21 +314,25 @@ def _summary(metrics: dict[str, object]) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")}  # type: ignore[arg-type]
 
 
-def _metric_values(runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str) -> list[float]:
-    return [100 * float(r[metric]) for r in runs if r["model"] == model and r["size"] == size]  # type: ignore[arg-type]
+def _metric_values(
+    runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str, seeds: Sequence[int] | None = None
+) -> list[float]:
+    """``metric`` in percent of every run of ``model`` at ``size`` (and at ``seeds``, if given)."""
+    return [
+        100 * float(r[metric])  # type: ignore[arg-type]
+        for r in runs
+        if r["model"] == model and r["size"] == size and (seeds is None or r["seed"] in seeds)
+    ]
 
 
-def _mean_std(runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str) -> tuple[float, float]:
-    values = _metric_values(runs, model, size, metric)
-    mean = statistics.fmean(values) if values else math.nan
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _summary_cell(values: list[float]) -> str:
-    """``mean ± std`` over seeds; a single run says so rather than showing a spread of zero."""
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return "{:.2f} ± {:.2f}".format(statistics.fmean(values), statistics.stdev(values)) if values else "-"
+def _summary_cell(values: Sequence[float], expected_runs: int) -> str:
+    """``mean ± std`` over seeds, a lone run without a spread, and the count when runs are missing."""
+    if not values:
+        return "-"
+    cell = f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    if len(values) != expected_runs:
+        cell += f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
+    return cell
 
 
 def results_markdown(results: dict[str, object], config: ExperimentConfig) -> str:
@@ -348,31 +355,36 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")
     for size in map(_size_label, config.sizes):
         for metric in metrics:
-            (s_mean, s_std), (h_mean, h_std) = (_mean_std(runs, arm, size, metric) for arm in (STUDENT, HDKD))
-            if math.isnan(s_mean) and math.isnan(h_mean):
+            student, hdkd = (_metric_values(runs, arm, size, metric) for arm in (STUDENT, HDKD))
+            if not student and not hdkd:
                 continue  # no finished run at this size (finished_only)
-            lines.append(f"| {size} | {metric} | {s_mean:.2f} ± {s_std:.2f} | {h_mean:.2f} ± {h_std:.2f} | {h_mean - s_mean:+.2f} |")
+            gain = f"{statistics.fmean(hdkd) - statistics.fmean(student):+.2f}" if student and hdkd else "-"
+            cells = [_summary_cell(values, len(config.seeds)) for values in (student, hdkd)]
+            lines.append(f"| {size} | {metric} | {cells[0]} | {cells[1]} | {gain} |")
     if unfinished := results.get("unfinished"):
         lines += ["", f"Not finished, left out ({len(unfinished)} runs): " + ", ".join(f"`{name}`" for name in unfinished) + "."]
     if config.baselines:
         arms = [*config.baselines, STUDENT, HDKD]
+        seeds = config.seeds if config.baseline_seeds is None else config.baseline_seeds
         lines += [
             "",
-            "Baselines from scratch (timm), on the same images with the student's epochs, optimizer and schedule; "
-            "training time is the mean per run.",
+            f"Baselines from scratch (timm) at seeds {seeds}, beside the student and HDKD runs of the same seeds (so on "
+            "the same images), with the student's epochs, optimizer and schedule; training time is the mean per run.",
             "",
             "| images per class | metric | " + " | ".join(f"`{arm}`" if arm in config.baselines else arm for arm in arms) + " |",
             "|---|---|" + "---|" * len(arms),
         ]
         for size in map(_size_label, config.sizes):
             for metric in metrics:
-                cells = [_summary_cell(_metric_values(runs, arm, size, metric)) for arm in arms]
+                cells = [_summary_cell(_metric_values(runs, arm, size, metric, seeds), len(seeds)) for arm in arms]
                 lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
             seconds = [
-                statistics.fmean([float(r["train_seconds"]) for r in runs if r["model"] == arm and r["size"] == size] or [math.nan])
+                [float(r["train_seconds"]) for r in runs if r["model"] == arm and r["size"] == size and r["seed"] in seeds]
                 for arm in arms
             ]
-            lines.append(f"| {size} | training time (s) | " + " | ".join(f"{value:.0f}" for value in seconds) + " |")
+            lines.append(
+                f"| {size} | training time (s) | " + " | ".join(f"{statistics.fmean(v):.0f}" if v else "-" for v in seconds) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -87,6 +87,12 @@ def test_target_checks_pair_the_rounds_and_judge_the_upper_confidence_bound():
     assert noisy["step_time_ratio"] == pytest.approx(1.0, abs=0.02)
     assert noisy["ratio_interval"][1] > 1.01 and not noisy["passed"]  # equal medians, too noisy to tell
 
+    # The same step times as kdkit, in reverse round order: equal medians, but round by round the
+    # ratios run from 0.8 to 1.2, so the comparison is undecided and fails.
+    by_name["torchdistill"]["step_s"] = kdkit[::-1]
+    unpaired = distill_speed.target_checks(by_name)[2]
+    assert unpaired["ratio_interval"][0] < 0.95 and unpaired["ratio_interval"][1] > 1.05 and not unpaired["passed"]
+
 
 def test_target_checks_fail_with_too_few_rounds_for_an_interval():
     by_name = {"kdkit": {"step_s": [1.0] * 5}, "rerun": {"step_s": [3.0] * 5}}

@@ -63,8 +63,9 @@ def test_hdkd_brain_end_to_end_and_resume(tmp_path):
     assert not (output / "student_8_seed0").exists()
     report = (output / "results.md").read_text()
     assert "Not finished, left out (7 runs): `student_4_seed1`" in report
-    baseline_accuracy = 100 * results["runs"][2]["accuracy"]
-    assert f"| 4 | accuracy | {baseline_accuracy:.2f} (1 seed) |" in report
+    student, hdkd, baseline = (100 * run["accuracy"] for run in results["runs"])
+    assert f"| 4 | accuracy | {student:.2f} (1 seed) | {hdkd:.2f} (1 seed) | {hdkd - student:+.2f} |" in report
+    assert f"| 4 | accuracy | {baseline:.2f} | {student:.2f} | {hdkd:.2f} |" in report  # the baselines' seed only
 
 
 def test_flags_reach_the_config():
@@ -74,6 +75,11 @@ def test_flags_reach_the_config():
     config = config_from_args("brain_tumor_mri", args)
     assert (config.image_size, config.student_epochs, config.sizes, config.seeds) == (224, 200, [50, None], [1, 2])
     assert config.teacher_opt == "adam" and config.teacher_lr == 1e-3 and not config.smote
+    with_baselines = build_parser("brain_tumor_mri").parse_args(
+        ["--seeds", "0,1,2", "--baselines", "resnet10t,mobilenetv2_100", "--baseline-seeds", "0"]
+    )
+    config = config_from_args("brain_tumor_mri", with_baselines)
+    assert (config.baselines, config.baseline_seeds) == (["resnet10t", "mobilenetv2_100"], [0])
     ham = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "cpu"]))
     assert ham.smote and ham.image_size == 64
 
@@ -94,6 +100,20 @@ def test_student_image_budget_shortens_only_large_sets():
         ExperimentConfig(finished_only=True)
     with pytest.raises(ValueError, match=r"baseline_seeds \[3\] are not among the seeds \[0, 1\]"):
         ExperimentConfig(seeds=[0, 1], baselines=["resnet10t"], baseline_seeds=[1, 3])
+    with pytest.raises(ValueError, match="baseline_seeds needs baselines and at least one seed"):
+        ExperimentConfig(baseline_seeds=[0])
+    with pytest.raises(ValueError, match="baseline_seeds needs baselines and at least one seed"):
+        ExperimentConfig(baselines=["resnet10t"], baseline_seeds=[])
+
+
+def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
+    from kdkit.recipe import _summary_cell
+
+    assert _summary_cell([], 3) == "-"
+    assert _summary_cell([70.0], 1) == "70.00"
+    assert _summary_cell([70.0], 3) == "70.00 (1 seed)"
+    assert _summary_cell([70.0, 74.0], 3) == "72.00 ± 2.83 (2 seeds)"
+    assert _summary_cell([70.0, 74.0, 72.0], 3) == "72.00 ± 2.00"
 
 
 @pytest.mark.slow
