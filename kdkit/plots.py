@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 _DPI = 120
+# Colours of baseline lines, none of them the student's blue or HDKD's red.
+_BASELINE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive", "tab:cyan", "tab:pink", "tab:orange")
 _SCORE_MARKERS = ("acc", "f1", "recall", "precision", "auc")
 
 
@@ -146,30 +148,36 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
 
 
 def plot_accuracy_vs_size(
-    runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, metric: str = "accuracy"
+    runs: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    metric: str = "accuracy",
+    baselines: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Plot a metric against training images per class, mean ± std over seeds (HDKD Figure 3).
 
-    One line for the student trained without distillation, one for HDKD.
+    One line for the student trained without distillation, one for HDKD, and a dashed line of
+    means per baseline model (the paper's Table 5 models trained from scratch).
 
     Args:
         runs: One mapping per run: ``{"size": 50 | "all", "seed": 0, "distill": bool,
             metric: value}``. Sizes are ints, or ``"all"`` (plotted last).
         path: Output PNG.
         metric: Key of the value to plot.
+        baselines: Runs of other models, each with ``"model"``, ``"size"`` and ``metric``.
 
     Raises:
         ValueError: No runs, a run lacking a key, or a size that is neither int nor ``"all"``.
     """
     if not runs:
         raise ValueError("no runs to plot")
-    for run in runs:
-        if missing := {"size", "distill", metric} - set(run):
+    for run, keys in [(run, {"size", "distill", metric}) for run in runs] + [(run, {"size", "model", metric}) for run in baselines]:
+        if missing := keys - set(run):
             raise ValueError(f"run {dict(run)} lacks {sorted(missing)}")
         if run["size"] != "all" and not isinstance(run["size"], numbers.Integral):
             raise ValueError(f"size must be an int or 'all', got {run['size']!r}")
-    numeric_sizes = sorted({run["size"] for run in runs if run["size"] != "all"})
-    sizes = numeric_sizes + (["all"] if any(run["size"] == "all" for run in runs) else [])
+    every_run = [*runs, *baselines]
+    numeric_sizes = sorted({run["size"] for run in every_run if run["size"] != "all"})
+    sizes = numeric_sizes + (["all"] if any(run["size"] == "all" for run in every_run) else [])
     position = {size: index for index, size in enumerate(sizes)}
     # Seeds per plotted point: a partial report may have fewer at some sizes.
     per_point = {(run["size"], bool(run["distill"])): set() for run in runs}
@@ -181,6 +189,7 @@ def plot_accuracy_vs_size(
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")
     axes = figure.subplots()
     lines = ((False, "student (no distillation)", "tab:blue"), (True, "HDKD", "tab:red"))
+    handles = []
     for distill, label, colour in lines:
         group = [run for run in runs if bool(run["distill"]) == distill]
         group_sizes = [size for size in sizes if any(run["size"] == size for run in group)]
@@ -192,8 +201,18 @@ def plot_accuracy_vs_size(
         means = np.array([value.mean() for value in values])
         deviations = np.array([value.std(ddof=1) if len(value) > 1 else 0.0 for value in values])
         x = [position[size] for size in group_sizes]
-        axes.errorbar(x, means, yerr=deviations, marker="o", capsize=4, color=colour, label=label)
+        handles.append(axes.errorbar(x, means, yerr=deviations, marker="o", capsize=4, color=colour, label=label))
         axes.fill_between(x, means - deviations, means + deviations, color=colour, alpha=0.15)
+    for index, model in enumerate(dict.fromkeys(run["model"] for run in baselines)):
+        colour = _BASELINE_COLOURS[index % len(_BASELINE_COLOURS)]
+        group = [run for run in baselines if run["model"] == model]
+        group_sizes = [size for size in sizes if any(run["size"] == size for run in group)]
+        means = [np.mean([float(run[metric]) for run in group if run["size"] == size]) for size in group_sizes]
+        seeds = len({run.get("seed") for run in group})
+        handles += axes.plot(
+            [position[size] for size in group_sizes], means, linestyle="--", marker="s", color=colour,
+            label=f"{model} (from scratch, {seeds} seed{'s' if seeds != 1 else ''})",
+        )  # fmt: skip
     axes.set_xticks(range(len(sizes)), [str(size) for size in sizes])
     pretty_metric = metric.replace("_", " ")
     axes.set(
@@ -202,7 +221,7 @@ def plot_accuracy_vs_size(
         title=f"{pretty_metric} vs training set size (mean ± std, {seed_label})",
     )
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(handles=handles)  # the students first: matplotlib would list plain lines before error bars
     return _save(figure, path)
 
 

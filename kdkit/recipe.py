@@ -496,7 +496,11 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     if state.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
         atomic_write_text(output_dir / "results.md", results_markdown(results, config))
-        plot_accuracy_vs_size([run for run in runs if run["model"] in (STUDENT, HDKD)], output_dir / "accuracy_vs_size.png")
+        plot_accuracy_vs_size(
+            [run for run in runs if run["model"] in (STUDENT, HDKD)],
+            output_dir / "accuracy_vs_size.png",
+            baselines=[run for run in runs if run["model"] in config.baselines],
+        )
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
         images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
         maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in figure_models.items()}

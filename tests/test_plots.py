@@ -63,8 +63,33 @@ def test_accuracy_vs_size_png(tmp_path):
     _assert_png(plot_accuracy_vs_size(runs, tmp_path / "sizes.png"))
     with pytest.raises(ValueError, match="lacks"):
         plot_accuracy_vs_size([{"size": 50, "distill": True}], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"lacks \['model'\]"):
+        plot_accuracy_vs_size(runs, tmp_path / "bad.png", baselines=[{"size": 50, "accuracy": 0.5}])
     with pytest.raises(ValueError, match="int or 'all'"):
         plot_accuracy_vs_size([{"size": "many", "distill": True, "accuracy": 0.5}], tmp_path / "bad.png")
+
+
+def test_accuracy_vs_size_draws_each_baseline(tmp_path, monkeypatch):
+    import kdkit.plots
+
+    figures = []
+    save = kdkit.plots._save
+    monkeypatch.setattr(kdkit.plots, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
+    runs = [{"size": size, "seed": 0, "distill": distill, "accuracy": 0.7} for size in (50, 100) for distill in (False, True)]
+    baselines = [
+        {"model": model, "size": size, "seed": seed, "accuracy": 0.4 + 0.1 * seed}
+        for model in ("mobilenetv2_100", "mobilevit_s")
+        for size in (50, 100, "all")
+        for seed in ((0, 1) if model == "mobilevit_s" else (0,))
+    ]
+    _assert_png(plot_accuracy_vs_size(runs, tmp_path / "sizes.png", baselines=baselines))
+    (axes,) = figures[0].axes
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "student (no distillation)", "HDKD", "mobilenetv2_100 (from scratch, 1 seed)", "mobilevit_s (from scratch, 2 seeds)"
+    ]  # fmt: skip
+    mobilevit = axes.get_lines()[-1]
+    assert list(mobilevit.get_xdata()) == [0, 1, 2]  # "all" comes from the baselines alone
+    assert list(mobilevit.get_ydata()) == pytest.approx([0.45, 0.45, 0.45])  # mean over seeds
 
 
 def test_activation_grid_png(tmp_path):
