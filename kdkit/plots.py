@@ -186,7 +186,7 @@ def plot_accuracy_vs_size(
     low, high = min(map(len, per_point.values())), max(map(len, per_point.values()))
     seed_label = f"{high} seed{'s' if high != 1 else ''}" if low == high else f"{low}-{high} seeds per point"
 
-    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    figure = Figure(figsize=(6.5, 5.0), layout="constrained")
     axes = figure.subplots()
     lines = ((False, "student (no distillation)", "tab:blue"), (True, "HDKD", "tab:red"))
     handles = []
@@ -221,7 +221,9 @@ def plot_accuracy_vs_size(
         title=f"{pretty_metric} vs training set size (mean ± std, {seed_label})",
     )
     axes.grid(alpha=0.3)
-    axes.legend(handles=handles)  # the students first: matplotlib would list plain lines before error bars
+    # Below the axes, so that no line hides behind it; the students first (matplotlib would list
+    # plain lines before error bars).
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")
     return _save(figure, path)
 
 

@@ -84,7 +84,7 @@ def test_accuracy_vs_size_draws_each_baseline(tmp_path, monkeypatch):
     ]
     _assert_png(plot_accuracy_vs_size(runs, tmp_path / "sizes.png", baselines=baselines))
     (axes,) = figures[0].axes
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+    assert [text.get_text() for text in figures[0].legends[0].get_texts()] == [
         "student (no distillation)", "HDKD", "mobilenetv2_100 (from scratch, 1 seed)", "mobilevit_s (from scratch, 2 seeds)"
     ]  # fmt: skip
     mobilevit = axes.get_lines()[-1]
