@@ -191,26 +191,20 @@ def plot_accuracy_vs_size(
     lines = ((False, "student (no distillation)", "tab:blue"), (True, "HDKD", "tab:red"))
     handles = []
     for distill, label, colour in lines:
-        group = [run for run in runs if bool(run["distill"]) == distill]
-        group_sizes = [size for size in sizes if any(run["size"] == size for run in group)]
-        if not group_sizes:
+        x, values = _values_by_size([run for run in runs if bool(run["distill"]) == distill], position, metric)
+        if not x:
             continue
-        values = [
-            np.array([float(run[metric]) for run in group if run["size"] == size]) for size in group_sizes
-        ]
         means = np.array([value.mean() for value in values])
         deviations = np.array([value.std(ddof=1) if len(value) > 1 else 0.0 for value in values])
-        x = [position[size] for size in group_sizes]
         handles.append(axes.errorbar(x, means, yerr=deviations, marker="o", capsize=4, color=colour, label=label))
         axes.fill_between(x, means - deviations, means + deviations, color=colour, alpha=0.15)
     for index, model in enumerate(dict.fromkeys(run["model"] for run in baselines)):
         colour = _BASELINE_COLOURS[index % len(_BASELINE_COLOURS)]
         group = [run for run in baselines if run["model"] == model]
-        group_sizes = [size for size in sizes if any(run["size"] == size for run in group)]
-        means = [np.mean([float(run[metric]) for run in group if run["size"] == size]) for size in group_sizes]
+        x, values = _values_by_size(group, position, metric)
         seeds = len({run.get("seed") for run in group})
         handles += axes.plot(
-            [position[size] for size in group_sizes], means, linestyle="--", marker="s", color=colour,
+            x, [value.mean() for value in values], linestyle="--", marker="s", color=colour,
             label=f"{model} (from scratch, {seeds} seed{'s' if seeds != 1 else ''})",
         )  # fmt: skip
     axes.set_xticks(range(len(sizes)), [str(size) for size in sizes])
@@ -225,6 +219,16 @@ def plot_accuracy_vs_size(
     # plain lines before error bars).
     figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small")
     return _save(figure, path)
+
+
+def _values_by_size(
+    group: Sequence[Mapping[str, Any]], position: Mapping[Any, int], metric: str
+) -> tuple[list[int], list[np.ndarray]]:
+    """The x positions of the sizes ``group`` has runs at, in plotting order, and the metric values at each."""
+    sizes = sorted({run["size"] for run in group}, key=position.__getitem__)
+    return [position[size] for size in sizes], [
+        np.array([float(run[metric]) for run in group if run["size"] == size]) for size in sizes
+    ]
 
 
 def _displayable(image: Tensor) -> np.ndarray:

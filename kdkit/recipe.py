@@ -314,15 +314,18 @@ def _summary(metrics: dict[str, object]) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1")}  # type: ignore[arg-type]
 
 
+def _runs_of(
+    runs: Sequence[dict[str, object]], model: str, size: int | str, seeds: Sequence[int] | None = None
+) -> list[dict[str, object]]:
+    """The runs of ``model`` at ``size`` (and at ``seeds``, if given)."""
+    return [r for r in runs if r["model"] == model and r["size"] == size and (seeds is None or r["seed"] in seeds)]
+
+
 def _metric_values(
     runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str, seeds: Sequence[int] | None = None
 ) -> list[float]:
     """``metric`` in percent of every run of ``model`` at ``size`` (and at ``seeds``, if given)."""
-    return [
-        100 * float(r[metric])  # type: ignore[arg-type]
-        for r in runs
-        if r["model"] == model and r["size"] == size and (seeds is None or r["seed"] in seeds)
-    ]
+    return [100 * float(r[metric]) for r in _runs_of(runs, model, size, seeds)]  # type: ignore[arg-type]
 
 
 def _summary_cell(values: Sequence[float], expected_runs: int) -> str:
@@ -379,8 +382,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
                 cells = [_summary_cell(_metric_values(runs, arm, size, metric, seeds), len(seeds)) for arm in arms]
                 lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
             seconds = [
-                [float(r["train_seconds"]) for r in runs if r["model"] == arm and r["size"] == size and r["seed"] in seeds]
-                for arm in arms
+                [float(r["train_seconds"]) for r in _runs_of(runs, arm, size, seeds)] for arm in arms
             ]
             lines.append(
                 f"| {size} | training time (s) | " + " | ".join(f"{statistics.fmean(v):.0f}" if v else "-" for v in seconds) + " |"
