@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdkit.checkpoint import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 METADATA_LABELS = {
@@ -60,18 +62,44 @@ SPEED_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD")
 """Environment variables written into a run's command line, since they change its speed."""
 
 
+def _accelerate_launcher() -> tuple[list[str], dict[str, str]] | None:
+    """The command line and environment of the ``accelerate launch`` that started this process.
+
+    ``sys.orig_argv`` of a launched script is the launcher's child (``python script.py`` with the
+    ``OMP_NUM_THREADS`` the launcher exported), not what was typed. Linux only (``/proc``);
+    ``None`` when the parent is not ``accelerate launch`` or cannot be read.
+    """
+    try:
+        parent = Path("/proc") / str(os.getppid())
+        argv = (parent / "cmdline").read_bytes().decode().split("\0")[:-1]
+        environ = (parent / "environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    names = [Path(arg).name for arg in argv]
+    console = [i for i, pair in enumerate(zip(names, names[1:])) if pair == ("accelerate", "launch")]
+    if console:
+        argv = argv[console[0] :]  # the console script as typed, without its interpreter
+    elif "accelerate.commands.launch" not in argv:
+        return None
+    return argv, dict(entry.split("=", 1) for entry in environ if "=" in entry)
+
+
 def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Describes the run: the exact command line, the machine and its load, the library versions and the date.
 
     Args:
-        argv: The command line, interpreter first; by default ``sys.orig_argv``, the command as typed.
+        argv: The command line, interpreter first; by default the command as typed: that of the
+            ``accelerate launch`` that started this process, else ``sys.orig_argv``.
 
     Returns:
         A JSON-serialisable dict with the keys of :data:`METADATA_LABELS`.
     """
-    argv = [_relative(arg) for arg in (sys.orig_argv if argv is None else argv)]
+    environ: dict[str, str] = dict(os.environ)
+    if argv is None:
+        argv, environ = _accelerate_launcher() or (sys.orig_argv, environ)
+    argv = [_relative(arg) for arg in argv]
     # Variables that change the speed of the same command (the allocator, the thread pools).
-    settings = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith(SPEED_ENV_PREFIXES)]
+    settings = [f"{name}={value}" for name, value in sorted(environ.items()) if name.startswith(SPEED_ENV_PREFIXES)]
     return {
         "command": shlex.join(settings + argv),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -144,10 +172,10 @@ def write_results(
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
-    json_path.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(json_path, json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n")
     header = "\n".join(
         f"- {METADATA_LABELS.get(key, key)}: " + (f"`{value}`" if key == "command" else str(value))
         for key, value in metadata.items()
     )
-    md_path.write_text(f"# {title}\n\n{header}\n\n{markdown.strip()}\n", encoding="utf-8")
+    atomic_write_text(md_path, f"# {title}\n\n{header}\n\n{markdown.strip()}\n")
     return json_path, md_path

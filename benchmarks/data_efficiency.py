@@ -40,9 +40,16 @@ from kdkit.train import distributed_without_accelerator  # noqa: E402
 
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_SIZES: list[int | None] = [50, 100, 150, None]  # None: the whole training pool
-# The issue's targets: HDKD ahead at every size, and by at least this many points at the smallest.
-SMALLEST_SIZE_MIN_GAIN = 10.0
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+# The issue's targets: HDKD ahead at every size, on balanced accuracy too where the classes are
+# imbalanced, and on Brain Tumor MRI by at least 10 points at the smallest size.
+TARGET_METRICS = {"brain_tumor_mri": ("accuracy",), "ham10000": ("accuracy", "balanced_accuracy")}
+SMALLEST_SIZE_MIN_GAIN = {"brain_tumor_mri": 10.0}
+# The paper's accuracy gains of HDKD over the student alone (224 px, 200 epochs), for comparison.
+PAPER_GAINS = {
+    "brain_tumor_mri": {50: 16.4, 100: 13.1, 150: 11.7, "all": 0.1},
+    "ham10000": {50: 4.7, 100: 4.1, 150: 4.2, "all": 2.5},
+}
 
 
 def gains(runs: list[dict[str, object]], metric: str) -> list[dict[str, object]]:
@@ -73,21 +80,22 @@ def gains(runs: list[dict[str, object]], metric: str) -> list[dict[str, object]]
     return rows
 
 
-def target_checks(accuracy_rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """The issue's targets on mean test accuracy: ahead at every size, +10 points at the smallest."""
+def target_checks(gains_by_metric: dict[str, list[dict[str, object]]], dataset: str) -> list[dict[str, object]]:
+    """The issue's targets on mean test figures: ahead at every size, and the minimum gain at the smallest."""
     checks = [
-        {"target": f"HDKD ahead of the student alone at {row['size']} images per class", "value": row["gain"],
-         "passed": row["gain"] > 0}
-        for row in accuracy_rows
+        {"target": f"HDKD ahead of the student alone at {row['size']} images per class ({metric.replace('_', ' ')})",
+         "value": row["gain"], "passed": row["gain"] > 0}
+        for metric in TARGET_METRICS[dataset]
+        for row in gains_by_metric[metric]
     ]  # fmt: skip
-    numeric = [row for row in accuracy_rows if row["size"] != "all"]
-    if numeric:
+    numeric = [row for row in gains_by_metric["accuracy"] if row["size"] != "all"]
+    if numeric and (min_gain := SMALLEST_SIZE_MIN_GAIN.get(dataset)) is not None:
         smallest = min(numeric, key=lambda row: row["size"])
         checks.append(
             {
-                "target": f"at least +{SMALLEST_SIZE_MIN_GAIN:g} points at {smallest['size']} images per class",
+                "target": f"at least +{min_gain:g} points at {smallest['size']} images per class (accuracy)",
                 "value": smallest["gain"],
-                "passed": smallest["gain"] >= SMALLEST_SIZE_MIN_GAIN,
+                "passed": smallest["gain"] >= min_gain,
             }
         )
     return checks
@@ -97,19 +105,21 @@ def to_markdown(results: dict[str, object], recipe_markdown: str, dataset: str) 
     """The gains table per metric, the target checks, then the recipe's own tables."""
     lines = []
     for metric in METRICS:
-        rows = gains(results["runs"], metric)
+        rows = results["gains"][metric]
+        paper = PAPER_GAINS[dataset] if metric == "accuracy" else None
         lines += [
             f"## Test {metric.replace('_', ' ')} (%), mean ± std over seeds",
             "",
             markdown_table(
-                ["images per class", "seeds", "student alone", "HDKD", "gain (points)"],
+                ["images per class", "seeds", "student alone", "HDKD", "gain (points)"] + (["paper's gain (224 px)"] if paper else []),
                 [[row["size"], row["seeds"], f"{row['student_mean']:.2f} ± {row['student_std']:.2f}",
-                  f"{row['hdkd_mean']:.2f} ± {row['hdkd_std']:.2f}", f"{row['gain']:+.2f}"] for row in rows],
-                "lrrrr",
+                  f"{row['hdkd_mean']:.2f} ± {row['hdkd_std']:.2f}", f"{row['gain']:+.2f}"]
+                 + ([f"{paper[row['size']]:+.1f}" if row["size"] in paper else "-"] if paper else []) for row in rows],
+                "lrrrr" + ("r" if paper else ""),
             ),  # fmt: skip
             "",
         ]
-    lines += ["## Targets (mean test accuracy)", ""]
+    lines += ["## Targets (mean test figures)", ""]
     lines += [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['target']} ({c['value']:+.2f})" for c in results["checks"]]
     lines += [
         "",
@@ -146,12 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if not PartialState(cpu=distributed_without_accelerator()).is_main_process:
         return
     output = Path(config.output_dir)
-    accuracy_rows = gains(results["runs"], "accuracy")
-    report = {
-        **results,
-        "gains": {metric: gains(results["runs"], metric) for metric in METRICS},
-        "checks": target_checks(accuracy_rows),
-    }
+    by_metric = {metric: gains(results["runs"], metric) for metric in METRICS}
+    report = {**results, "gains": by_metric, "checks": target_checks(by_metric, dataset)}
     markdown = to_markdown(report, (output / "results.md").read_text(encoding="utf-8"), dataset)
     print(markdown)
     name = f"data_efficiency_{dataset}"

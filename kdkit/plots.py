@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from .checkpoint import atomic_write
+
 __all__ = [
     "plot_accuracy_vs_size",
     "plot_activation_grid",
@@ -35,10 +37,8 @@ _SCORE_MARKERS = ("acc", "f1", "recall", "precision", "auc")
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=_DPI, format="png")
-    return path
+    # Atomic: workers sharing an output folder may redraw the same figure at the same time.
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=_DPI, format="png"))
 
 
 def plot_confusion_matrix(

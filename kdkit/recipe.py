@@ -15,19 +15,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import functools
 import json
 import logging
 import math
 import os
+import socket
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, one worker per output folder
+    fcntl = None
 
 import timm
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -44,6 +53,7 @@ __all__ = [
     "PRESETS",
     "STUDENT",
     "ExperimentConfig",
+    "RunClaims",
     "build_parser",
     "config_from_args",
     "configure_logging",
@@ -57,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 DATASETS = ("brain_tumor_mri", "ham10000")
 """The data sets the recipe knows how to load."""
+CLAIM_POLL_SECONDS = 30.0
+"""How often a worker with nothing left to do looks again at the runs other workers hold."""
 STUDENT, HDKD = "student", "HDKD"
 """Names of the two arms every size and seed trains: the student alone, and distilled."""
 FEATURE_TAPS = ["stages.0", "stages.1", "stages.2"]
@@ -70,6 +82,9 @@ PRESETS: dict[str, dict[str, object]] = {
         image_size=64,
         batch_size=32,
         teacher_epochs=8,
+        # Brain Tumor MRI's pool (about 5,100 images) keeps its 8 epochs; the SMOTE-balanced
+        # HAM10000 pool (about 38,700 images) trains 2 instead of 8, a quarter of the time.
+        teacher_image_budget=45_000,
         student_epochs=30,
         sizes=[50, 100, 150],
         seeds=[0],
@@ -91,6 +106,7 @@ PRESETS: dict[str, dict[str, object]] = {
         image_size=224,
         batch_size=32,
         teacher_epochs=200,
+        teacher_image_budget=None,
         student_epochs=200,
         sizes=[50, 100, 150, None],
         seeds=[0, 1, 2],
@@ -120,6 +136,9 @@ class ExperimentConfig:
         image_size: Training and test resolution.
         batch_size: Per-process batch size.
         teacher_epochs: Epochs of phase 1.
+        teacher_image_budget: Training images (epochs x set size, after SMOTE) after which the
+            teacher may stop: it trains the fewest epochs that reach the budget, at least one and
+            at most ``teacher_epochs``. ``None``: always ``teacher_epochs``.
         student_epochs: Epochs of each phase-2 run.
         sizes: Training images per class; ``None`` means the whole training pool.
         seeds: Seeds of the per-class subsets and of the student runs.
@@ -133,9 +152,8 @@ class ExperimentConfig:
         student_min_lr: Final learning rate of the cosine schedule.
         student_warmup_epochs: Linear warm-up epochs of the students.
         student_weight_decay: Weight decay of the students.
-        student_image_budget: Cap on the training images one student run sees
-            (epochs x set size): a run on a larger set gets fewer epochs, at least one.
-            ``None`` trains every size for ``student_epochs``.
+        student_image_budget: The same budget for each student run: the fewest epochs that
+            reach it, at most ``student_epochs``. ``None`` trains every size for ``student_epochs``.
         alpha: Weight ``a`` of the logit KL against cross-entropy.
         temperature: KL temperature ``T``.
         feature_weight: ``lambda``, the weight of the stage-weighted feature MSE.
@@ -166,6 +184,7 @@ class ExperimentConfig:
     image_size: int = 64
     batch_size: int = 32
     teacher_epochs: int = 8
+    teacher_image_budget: int | None = None
     student_epochs: int = 30
     sizes: list[int | None] = field(default_factory=lambda: [50, 100, 150])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -214,14 +233,24 @@ class ExperimentConfig:
                 raise ValueError("baseline_seeds needs baselines and at least one seed")
             if stray := sorted(set(self.baseline_seeds) - set(self.seeds)):
                 raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
-        if self.student_image_budget is not None and self.student_image_budget < 1:
-            raise ValueError(f"student_image_budget must be positive or None, got {self.student_image_budget}")
+        for name in ("teacher_image_budget", "student_image_budget"):
+            if (budget := getattr(self, name)) is not None and budget < 1:
+                raise ValueError(f"{name} must be positive or None, got {budget}")
+
+    def teacher_epochs_for(self, num_images: int) -> int:
+        """Epochs of the teacher on ``num_images`` images under :attr:`teacher_image_budget`."""
+        return _epochs_within(self.teacher_image_budget, self.teacher_epochs, num_images)
 
     def student_epochs_for(self, num_images: int) -> int:
         """Epochs of a student run on ``num_images`` images under :attr:`student_image_budget`."""
-        if self.student_image_budget is None:
-            return self.student_epochs
-        return max(1, min(self.student_epochs, math.ceil(self.student_image_budget / num_images)))
+        return _epochs_within(self.student_image_budget, self.student_epochs, num_images)
+
+
+def _epochs_within(budget: int | None, epochs: int, num_images: int) -> int:
+    """``epochs``, or fewer (at least one) when ``epochs`` passes over ``num_images`` would exceed ``budget``."""
+    if budget is None:
+        return epochs
+    return max(1, min(epochs, math.ceil(budget / num_images)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -241,9 +270,7 @@ def _loader(dataset: kdata.ImageTensorDataset, config: ExperimentConfig, *, trai
     return kdata.make_loader(dataset, config.batch_size, train=train, workers=config.workers)
 
 
-def _train_config(
-    config: ExperimentConfig, output_dir: Path, *, teacher: bool, seed: int, num_images: int = 0
-) -> TrainConfig:
+def _train_config(config: ExperimentConfig, output_dir: Path, *, teacher: bool, seed: int, num_images: int) -> TrainConfig:
     shared = dict(
         mixed_precision=config.mixed_precision,
         channels_last=config.channels_last,
@@ -253,7 +280,7 @@ def _train_config(
     )
     if teacher:
         return TrainConfig(
-            epochs=config.teacher_epochs,
+            epochs=config.teacher_epochs_for(num_images),
             opt=config.teacher_opt,
             lr=config.teacher_lr,
             sched=config.teacher_sched,
@@ -393,8 +420,126 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
 # --------------------------------------------------------------------------- the experiment
 
 
+def _main_decides(decide: Callable[[], object]) -> object:
+    """``decide()`` on the main process, its result (or its error) broadcast to every process.
+
+    Decisions about files other workers may change at any moment (a lock, a finished checkpoint)
+    must be the same on every process of one ``accelerate launch``, or their collectives hang.
+    """
+    state = PartialState()
+    outcome: list[object] = [None]
+    if state.is_main_process:
+        try:
+            outcome[0] = decide()
+        except Exception as error:  # raised on every process below, not on the main one alone
+            outcome[0] = error
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+class RunClaims:
+    """Locks that let several processes (workers) share one experiment's output folder.
+
+    Every worker first joins the folder (:meth:`join`), then claims each run before it trains or
+    collects it (:meth:`acquire`). Both are POSIX record locks (``fcntl.lockf``) on files in
+    ``<output_dir>/.claims/``: the kernel drops them when the holder exits, so a killed worker
+    leaves no stale claim, and the processes a worker forks (DataLoader workers) do not inherit
+    them. One process holds each lock once: two objects of one process do not exclude each other.
+    Under ``accelerate launch`` with several processes the main process locks for all of them.
+    Where the file system has no locks, or on Windows, every claim succeeds after a warning: run
+    one worker per folder there.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._held: dict[str, int] = {}
+
+    def join(self, *, resume: bool) -> None:
+        """Joins the folder: beside other workers with ``resume``, alone without it.
+
+        Raises:
+            RuntimeError: a worker with ``resume`` meets one without it, or the other way round
+                (a worker without ``resume`` retrains every run, the others' too).
+        """
+        if _main_decides(lambda: self._lock("experiment", shared=resume)):
+            return
+        if resume:
+            raise RuntimeError(
+                f"a worker without resume is training in {self.folder.parent}: it retrains every run, "
+                "so no other worker can share the folder with it"
+            )
+        raise RuntimeError(
+            f"other workers are training in {self.folder.parent}: start this one with resume (--resume) "
+            "to share the runs with them, or give it another output folder"
+        )
+
+    def acquire(self, name: str) -> bool:
+        """Claims run ``name`` unless another worker holds it; ``True`` when this worker now holds it."""
+        return bool(_main_decides(lambda: self._lock(name)))
+
+    def release(self, name: str) -> None:
+        """Gives up a claim taken with :meth:`acquire` (nothing when not held)."""
+        if (fd := self._held.pop(name, None)) is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
+    def holder(self, name: str) -> str:
+        """Who last claimed ``name`` (for messages); only for claims this process does not hold,
+        since closing any descriptor of a locked file drops this process's lock on it."""
+        path = self.folder / f"{name}.lock"
+        return path.read_text().strip() if path.exists() else "?"
+
+    def _lock(self, name: str, *, shared: bool = False) -> bool:
+        if fcntl is None:
+            _warn_no_locks("this platform has no fcntl")
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                _warn_no_locks(f"{self.folder} does not support file locks ({error.strerror})")
+                return True
+            raise
+        self._held[name] = fd
+        return True
+
+
+@functools.cache
+def _warn_no_locks(reason: str) -> None:
+    logger.warning("%s: run claims are off, so run one worker per output folder", reason)
+
+
+@dataclass
+class _PlannedRun:
+    name: str
+    arm: str
+    size: int | None
+    seed: int
+    subset: kdata.ImageTensorDataset
+
+
+def _wait_for_other_workers() -> None:
+    time.sleep(CLAIM_POLL_SECONDS)
+
+
 def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     """Runs both phases and writes ``results.json``, ``results.md`` and the figures.
+
+    Several workers may run the same experiment on one output folder at once (each started with
+    ``resume``; on a CPU, two one-thread workers train faster than one two-thread process). They
+    share out the runs through :class:`RunClaims`: a worker trains the runs nobody holds, does the
+    runs that need no teacher while another worker trains it, then waits for the runs others hold
+    and collects them, so every worker writes the same complete report.
 
     Returns:
         The content of ``results.json``: ``{"teacher": {...}, "runs": [...], "unfinished": [...], "config": {...}}``;
@@ -404,6 +549,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     state = PartialState(cpu=distributed_without_accelerator())
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    claims = RunClaims(output_dir / ".claims")
+    claims.join(resume=config.resume)
     started = time.perf_counter()
     splits = _load_splits(config)
     pool_full = splits["train"]
@@ -417,12 +564,18 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
         "test": splits["test"].with_transform(eval_tf),
     }
 
-    # Phase 1: the teacher.
+    # Phase 1: the teacher, trained (or collected) as soon as no other worker holds it.
     teacher = timm.create_model("hdkd_teacher", num_classes=len(classes))
+    teacher_metrics: dict[str, object] | None = None
     if config.teacher_checkpoint:
         load_model(teacher, config.teacher_checkpoint, expected_classes=classes)
-        trainer = Trainer(Supervised(teacher), _train_config(config, output_dir / "teacher", teacher=True, seed=0), class_names=classes)
-        teacher_metrics = trainer.evaluate(_loader(splits["test"], config, train=False))
+        # Only evaluates: the epochs (and so num_images) do not matter.
+        evaluation = _train_config(config, output_dir / "teacher", teacher=True, seed=0, num_images=len(pool))
+        teacher_metrics = Trainer(Supervised(teacher), evaluation, class_names=classes).evaluate(
+            _loader(splits["test"], config, train=False)
+        )
+        teacher.eval()
+        logger.info("teacher test accuracy %.4f", teacher_metrics["accuracy"])
     else:
         teacher_set = pool
         if config.teacher_per_class is not None:
@@ -430,69 +583,75 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
         if config.smote:
             images, labels = kdata.smote_balance(teacher_set.images, teacher_set.labels, seed=0)
             teacher_set = kdata.ImageTensorDataset(images, labels, classes, transform=train_tf)
-        teacher_config = _train_config(config, output_dir / "teacher", teacher=True, seed=0)
-        if config.finished_only and not _finished(teacher_config):
+        teacher_config = _train_config(config, output_dir / "teacher", teacher=True, seed=0, num_images=len(teacher_set))
+        if config.finished_only and not _main_decides(lambda: _finished(teacher_config)):
             raise ValueError(f"finished_only: the teacher in {teacher_config.output_dir} has not finished training")
-        outcome = _fit_and_test(Supervised(teacher), teacher_config, splits, teacher_set, config)
+
+    def teacher_ready() -> bool:
+        """``True`` once the teacher is trained and loaded; trains or collects it if no other worker holds it."""
+        nonlocal teacher_metrics
+        if teacher_metrics is not None:
+            return True
+        if not claims.acquire("teacher"):
+            return False
+        try:
+            outcome = _fit_and_test(Supervised(teacher), teacher_config, splits, teacher_set, config)
+        finally:
+            claims.release("teacher")
         teacher_metrics = outcome["test"]
+        teacher.eval()
+        logger.info("teacher test accuracy %.4f", teacher_metrics["accuracy"])
         if state.is_main_process:
             plot_training_curves(outcome["fit"].history, output_dir / "teacher_curves.png")
-    teacher.eval()
-    logger.info("teacher test accuracy %.4f", teacher_metrics["accuracy"])
+        return True
 
     # Phase 2: the students, alone and distilled, and any baselines, for each size and seed.
-    runs: list[dict[str, object]] = []
-    unfinished: list[str] = []
-    figure_models: dict[str, nn.Module] = {"teacher": teacher}
+    planned: list[_PlannedRun] = []
     for size in config.sizes:
         for seed in config.seeds:
             subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
             baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
             for arm in (STUDENT, HDKD, *baselines):
-                name = f"{arm.lower()}_{_size_label(size)}_seed{seed}"
-                torch.manual_seed(seed)
-                if arm == HDKD:
-                    model = timm.create_model("hdkd_student", num_classes=len(classes), img_size=config.image_size)
-                    task: nn.Module = Distiller(
-                        teacher, model, losses=hdkd_losses(config), taps=FEATURE_TAPS, input_size=config.image_size
-                    )
-                elif arm == STUDENT:
-                    model = timm.create_model("hdkd_student_nodistill", num_classes=len(classes), img_size=config.image_size)
-                    task = Supervised(model)
-                else:
-                    task = Supervised(model := timm.create_model(arm, num_classes=len(classes)))
-                train_config = _train_config(config, output_dir / name, teacher=False, seed=seed, num_images=len(subset))
-                if config.finished_only and not _finished(train_config):
-                    logger.info("%s has not finished: left out of the report", name)
-                    unfinished.append(name)
-                    continue
-                outcome = _fit_and_test(task, train_config, splits, subset, config)
-                model.eval()
-                if size == config.sizes[0] and seed == config.seeds[0] and arm in (STUDENT, HDKD):
-                    figure_models[arm] = model
-                    if state.is_main_process:
-                        plot_confusion_matrix(
-                            outcome["test"]["confusion_matrix"], classes, output_dir / f"confusion_{name}.png", title=name
-                        )
-                        plot_training_curves(outcome["fit"].history, output_dir / f"curves_{name}.png")
-                runs.append(
-                    {
-                        "model": arm,
-                        "size": _size_label(size),
-                        "seed": seed,
-                        "distill": arm == HDKD,
-                        "num_train": len(subset),
-                        "epochs": train_config.epochs,
-                        "train_seconds": round(sum(row.get("train_time", 0.0) for row in outcome["fit"].history), 1),
-                        **_summary(outcome["test"]),
-                    }
-                )
-                logger.info("%s: test accuracy %.4f", name, outcome["test"]["accuracy"])
+                planned.append(_PlannedRun(f"{arm.lower()}_{_size_label(size)}_seed{seed}", arm, size, seed, subset))
+    records: dict[str, dict[str, object]] = {}
+    left_out: set[str] = set()
+    figure_models: dict[str, nn.Module] = {}
+    pending = list(planned)
+    awaited: list[str] = []
+    teacher_ready()
+    # Each pass takes every run no other worker holds; the HDKD runs wait for the teacher.
+    while pending:
+        held: list[str] = []
+        progressed = False
+        for run in list(pending):
+            if run.arm == HDKD and not teacher_ready():
+                held += [] if "teacher" in held else ["teacher"]
+                continue
+            train_config = _train_config(config, output_dir / run.name, teacher=False, seed=run.seed, num_images=len(run.subset))
+            if config.finished_only and not _main_decides(lambda: _finished(train_config)):
+                logger.info("%s has not finished: left out of the report", run.name)
+                left_out.add(run.name)
+            elif not claims.acquire(run.name):
+                held.append(run.name)
+                continue
+            else:
+                try:
+                    records[run.name] = _train_planned_run(run, train_config, teacher, splits, config, figure_models)
+                finally:
+                    claims.release(run.name)
+            pending.remove(run)
+            progressed = True
+        if pending and not progressed:
+            if held != awaited:  # one line per change, not one per poll
+                logger.info("waiting for what other workers hold: %s", ", ".join(f"{n} ({claims.holder(n)})" for n in held))
+                awaited = held
+            _wait_for_other_workers()
+    runs = [records[run.name] for run in planned if run.name in records]
 
     results = {
         "teacher": _summary(teacher_metrics),
         "runs": runs,
-        "unfinished": unfinished,
+        "unfinished": [run.name for run in planned if run.name in left_out],
         "config": {**dataclasses.asdict(config), "classes": classes, "seconds": round(time.perf_counter() - started, 1)},
     }
     if state.is_main_process:
@@ -505,10 +664,56 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
         )
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
         images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
-        maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in figure_models.items()}
+        # Rows in a fixed order, whichever order this worker trained or collected the runs in.
+        models = {"teacher": teacher, **{arm: figure_models[arm] for arm in (STUDENT, HDKD) if arm in figure_models}}
+        maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in models.items()}
         raw = [splits["test"].with_transform(None)[i][0] for i in range(len(images))]
         plot_activation_grid(raw, maps, output_dir / "activation_maps.png")
     return results
+
+
+def _train_planned_run(
+    run: _PlannedRun,
+    train_config: TrainConfig,
+    teacher: nn.Module,
+    splits: dict[str, kdata.ImageTensorDataset],
+    config: ExperimentConfig,
+    figure_models: dict[str, nn.Module],
+) -> dict[str, object]:
+    """Trains (or collects) one phase-2 run and returns its record for ``results.json``.
+
+    The first size and seed's student and HDKD runs also draw their confusion matrix and
+    curves, and join ``figure_models`` for the activation-map figure.
+    """
+    classes = run.subset.classes
+    torch.manual_seed(run.seed)
+    if run.arm == HDKD:
+        model = timm.create_model("hdkd_student", num_classes=len(classes), img_size=config.image_size)
+        task: nn.Module = Distiller(teacher, model, losses=hdkd_losses(config), taps=FEATURE_TAPS, input_size=config.image_size)
+    elif run.arm == STUDENT:
+        model = timm.create_model("hdkd_student_nodistill", num_classes=len(classes), img_size=config.image_size)
+        task = Supervised(model)
+    else:
+        task = Supervised(model := timm.create_model(run.arm, num_classes=len(classes)))
+    outcome = _fit_and_test(task, train_config, splits, run.subset, config)
+    model.eval()
+    if run.size == config.sizes[0] and run.seed == config.seeds[0] and run.arm in (STUDENT, HDKD):
+        figure_models[run.arm] = model
+        if PartialState().is_main_process:
+            output_dir = Path(config.output_dir)
+            plot_confusion_matrix(outcome["test"]["confusion_matrix"], classes, output_dir / f"confusion_{run.name}.png", title=run.name)
+            plot_training_curves(outcome["fit"].history, output_dir / f"curves_{run.name}.png")
+    logger.info("%s: test accuracy %.4f", run.name, outcome["test"]["accuracy"])
+    return {
+        "model": run.arm,
+        "size": _size_label(run.size),
+        "seed": run.seed,
+        "distill": run.arm == HDKD,
+        "num_train": len(run.subset),
+        "epochs": train_config.epochs,
+        "train_seconds": round(sum(row.get("train_time", 0.0) for row in outcome["fit"].history), 1),
+        **_summary(outcome["test"]),
+    }
 
 
 # --------------------------------------------------------------------------- command line
@@ -541,6 +746,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--teacher-epochs", type=int)
+    parser.add_argument(
+        "--teacher-image-budget",
+        type=_parse_budget,
+        default=argparse.SUPPRESS,
+        help="the teacher trains the fewest epochs whose images reach N (at most --teacher-epochs); 'none': no budget",
+    )
     parser.add_argument("--student-epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--sizes", type=_parse_sizes, help="images per class, e.g. 50,100,150,all")
@@ -549,7 +760,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--student-image-budget",
         type=_parse_budget,
         default=argparse.SUPPRESS,  # absent unless given: 'none' must override the preset
-        help="cap on the training images of one student run (fewer epochs on large sets); 'none' for no cap",
+        help="each student run trains the fewest epochs whose images reach N (at most --student-epochs); 'none': no budget",
     )
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     parser.add_argument("--teacher-checkpoint", help="reuse a trained teacher (best_model.safetensors)")
@@ -587,8 +798,9 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     for name in ("image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    if hasattr(args, "student_image_budget"):
-        values["student_image_budget"] = args.student_image_budget
+    for budget in ("teacher_image_budget", "student_image_budget"):
+        if hasattr(args, budget):
+            values[budget] = getattr(args, budget)
     return ExperimentConfig(
         dataset=dataset,
         output_dir=args.output_dir,

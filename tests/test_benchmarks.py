@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import distill_speed  # noqa: E402
 import fidelity  # noqa: E402
@@ -134,6 +137,26 @@ def test_the_recorded_command_carries_the_settings_that_change_speed(no_speed_se
     assert command == "MALLOC_MMAP_THRESHOLD_=1024 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference.py"
 
 
+@pytest.mark.parametrize(
+    "launcher",
+    [[sys.executable, "-m", "accelerate.commands.launch"], [str(Path(sys.executable).parent / "accelerate"), "launch"]],
+    ids=["module", "console-script"],
+)
+def test_a_launched_benchmark_records_the_accelerate_launch_command(tmp_path, launcher):
+    script = tmp_path / "report_command.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from _common import run_metadata\nprint(run_metadata()['command'])\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith(SPEED_ENV_PREFIXES)}
+    launch = [*launcher, "--num_processes", "1", "--cpu", str(script), "--flag"]
+    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The launcher's line, relative to where it ran, without the OMP_NUM_THREADS it gave its child.
+    expected = shlex.join([*launcher, "--num_processes", "1", "--cpu", "report_command.py", "--flag"])
+    assert done.stdout.strip().splitlines()[-1] == expected
+
+
 def test_inference_times_every_model_and_exports_a_matching_onnx_student(tmp_path):
     import inference
 
@@ -162,7 +185,7 @@ def test_data_efficiency_gains_and_targets():
     import data_efficiency
 
     runs = [
-        {"model": model, "size": size, "seed": seed, "accuracy": acc + 0.02 * seed}
+        {"model": model, "size": size, "seed": seed, "accuracy": acc + 0.02 * seed, "balanced_accuracy": acc - 0.1 * seed}
         for size, student, hdkd in ((50, 0.60, 0.72), ("all", 0.90, 0.89))
         for seed in range(3)
         for model, acc in (("student", student), ("HDKD", hdkd), ("resnet10t", 0.5))
@@ -171,9 +194,15 @@ def test_data_efficiency_gains_and_targets():
     assert [row["size"] for row in rows] == [50, "all"] and [row["seeds"] for row in rows] == [3, 3]
     assert rows[0]["student_mean"] == pytest.approx(62.0) and rows[0]["hdkd_std"] == pytest.approx(2.0)
     assert rows[0]["gain"] == pytest.approx(12.0) and rows[1]["gain"] == pytest.approx(-1.0)
-    checks = data_efficiency.target_checks(rows)
+    by_metric = {metric: data_efficiency.gains(runs, metric) for metric in ("accuracy", "balanced_accuracy")}
+    checks = data_efficiency.target_checks(by_metric, "brain_tumor_mri")
     assert [check["passed"] for check in checks] == [True, False, True]
-    assert "+10 points at 50" in checks[-1]["target"]
+    assert "+10 points at 50 images per class (accuracy)" in checks[-1]["target"]
+    # HAM10000 is imbalanced: balanced accuracy is checked too, and the +10 target is Brain Tumor MRI's.
+    ham = data_efficiency.target_checks(by_metric, "ham10000")
+    assert [(check["target"].split("(")[-1], check["passed"]) for check in ham] == [
+        ("accuracy)", True), ("accuracy)", False), ("balanced accuracy)", True), ("balanced accuracy)", False)
+    ]
 
     # A partial report: at 150 only the student alone has finished, so the size has no row yet.
     partial = [*runs, {"model": "student", "size": 150, "seed": 0, "accuracy": 0.7}]
@@ -213,5 +242,6 @@ def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
     assert [row["size"] for row in record["results"]["gains"]["accuracy"]] == [3, "all"]
     assert len(record["results"]["runs"]) == 8 and len(record["results"]["checks"]) == 3
     markdown = (tmp_path / "results" / "data_efficiency_brain_tumor_mri.md").read_text()
-    assert "## Targets (mean test accuracy)" in markdown and "| all | 2 |" in markdown
+    assert "## Targets (mean test figures)" in markdown and "| paper's gain (224 px) |" in markdown
+    assert "| all | 2 |" in markdown and markdown.count("+0.1 |") == 1  # the paper's gain on the whole set
     assert (tmp_path / "results" / "data_efficiency_brain_tumor_mri" / "accuracy_vs_size.png").stat().st_size > 1000

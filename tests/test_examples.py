@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,16 +86,25 @@ def test_flags_reach_the_config():
     assert ham.smote and ham.image_size == 64
 
 
-def test_student_image_budget_shortens_only_large_sets():
+def test_image_budgets_shorten_only_large_sets():
     from kdkit.recipe import ExperimentConfig, build_parser, config_from_args
 
     config = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--preset", "cpu"]))
     assert config.student_image_budget == 18_000
     assert [config.student_epochs_for(n) for n in (200, 600, 5137, 10**6)] == [30, 30, 4, 1]
-    uncapped = build_parser("brain_tumor_mri").parse_args(["--preset", "cpu", "--student-image-budget", "none"])
-    assert config_from_args("brain_tumor_mri", uncapped).student_epochs_for(5137) == 30
+    # The teacher: the Brain Tumor MRI pool keeps its 8 epochs, the SMOTE-balanced HAM10000 pool gets 2.
+    assert [config.teacher_epochs_for(n) for n in (5137, 38_720)] == [8, 2]
+    uncapped = build_parser("brain_tumor_mri").parse_args(
+        ["--preset", "cpu", "--student-image-budget", "none", "--teacher-image-budget", "none"]
+    )
+    uncapped_config = config_from_args("brain_tumor_mri", uncapped)
+    assert uncapped_config.student_epochs_for(5137) == 30 and uncapped_config.teacher_epochs_for(38_720) == 8
+    paper = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "paper"]))
+    assert paper.teacher_epochs_for(38_720) == 200
     with pytest.raises(ValueError, match="student_image_budget"):
         ExperimentConfig(student_image_budget=0)
+    with pytest.raises(ValueError, match="teacher_image_budget"):
+        ExperimentConfig(teacher_image_budget=-5)
     with pytest.raises(ValueError, match=r"unknown timm baseline model\(s\) \['mobilenet_v9'\]"):
         ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
     with pytest.raises(ValueError, match="finished_only .* needs resume=True"):
@@ -114,6 +125,90 @@ def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
     assert _summary_cell([70.0], 3) == "70.00 (1 seed)"
     assert _summary_cell([70.0, 74.0], 3) == "72.00 ± 2.83 (2 seeds)"
     assert _summary_cell([70.0, 74.0, 72.0], 3) == "72.00 ± 2.00"
+
+
+# Another worker: joins the folder (with or without resume), claims the runs named, and waits.
+_OTHER_WORKER = """
+import sys, time
+from pathlib import Path
+from kdkit.recipe import RunClaims
+folder, mode, *names = sys.argv[1:]
+claims = RunClaims(Path(folder))
+claims.join(resume=mode == "resume")
+assert all(claims.acquire(name) for name in names)
+print("ready", flush=True)
+time.sleep(600)
+"""
+requires_locks = pytest.mark.skipif(sys.platform == "win32", reason="no POSIX file locks")
+
+
+@contextlib.contextmanager
+def _other_worker(folder, mode, *names):
+    worker = subprocess.Popen([sys.executable, "-c", _OTHER_WORKER, str(folder), mode, *names], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        yield worker
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+@requires_locks
+def test_run_claims_exclude_other_workers_until_they_exit(tmp_path):
+    from kdkit.recipe import RunClaims
+
+    mine = RunClaims(tmp_path)
+    mine.join(resume=True)
+    with _other_worker(tmp_path, "resume", "teacher") as other:
+        assert not mine.acquire("teacher") and mine.acquire("student_50_seed0")
+        assert mine.holder("teacher") == f"pid {other.pid} on {socket.gethostname()}"
+        mine.release("student_50_seed0")
+    assert mine.acquire("teacher")  # killed, however it died: its claims are gone
+
+
+@requires_locks
+def test_workers_with_and_without_resume_do_not_share_a_folder(tmp_path):
+    from kdkit.recipe import RunClaims
+
+    with _other_worker(tmp_path / "a", "resume"), pytest.raises(RuntimeError, match="start this one with resume"):
+        RunClaims(tmp_path / "a").join(resume=False)
+    with _other_worker(tmp_path / "b", "fresh"), pytest.raises(RuntimeError, match="a worker without resume is training"):
+        RunClaims(tmp_path / "b").join(resume=True)
+
+
+def _tiny_experiment(tmp_path, **overrides):
+    from kdkit.recipe import ExperimentConfig
+
+    settings = dict(
+        output_dir=str(tmp_path), image_size=32, teacher_epochs=1, student_epochs=1, sizes=[4], seeds=[0],
+        batch_size=8, teacher_per_class=8, mixed_precision="no", channels_last=False, resume=True,
+    )  # fmt: skip
+    return ExperimentConfig(**{**settings, **overrides})
+
+
+@pytest.mark.slow
+@requires_locks
+@requires_real_data("brain_tumor_mri")
+def test_a_worker_takes_the_runs_nobody_holds_and_the_rest_when_freed(tmp_path, monkeypatch):
+    from kdkit import recipe
+
+    trained_before_waiting = []
+    with _other_worker(tmp_path / ".claims", "resume", "teacher", "student_4_seed0") as other:
+
+        def other_worker_dies():  # its claims drop with it: this worker takes its runs over
+            trained_before_waiting.append(sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != ".claims"))
+            other.kill()
+            other.wait()
+
+        monkeypatch.setattr(recipe, "_wait_for_other_workers", other_worker_dies)
+        results = recipe.run_experiment(_tiny_experiment(tmp_path, baselines=["resnet10t"]))
+    # Only the baseline was free (the student alone is held, HDKD needs the held teacher); the
+    # rest trained once the other worker had gone, and the report keeps the planned order.
+    assert trained_before_waiting == [["resnet10t_4_seed0"]]
+    assert [run["model"] for run in results["runs"]] == ["student", "HDKD", "resnet10t"]
+    assert (tmp_path / "teacher" / "best_model.safetensors").exists()
+    figures = ("teacher_curves", "activation_maps", "accuracy_vs_size", "confusion_hdkd_4_seed0")
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in figures)
 
 
 @pytest.mark.slow
