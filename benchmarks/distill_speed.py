@@ -18,6 +18,12 @@ backward, and an AdamW step, with the HDKD objective
                  (a) in channels_last memory format, under bf16 autocast, both, or with
                      torch.compile(student)
 
+On request (``--variants``), the recipe's two supervised steps, cross-entropy only, in the same
+four settings: ``teacher``, ``teacher_channels_last``, ``teacher_bf16``,
+``teacher_channels_last_bf16`` (phase 1, ``hdkd_teacher``) and the same for ``student``
+(``hdkd_student_nodistill``, the student alone). For every step that ran both with and without
+channels_last, the record says whether channels_last made it faster, paired by round.
+
 Every variant owns a copy of the same initial weights and the same batch. After the warm-up
 steps, the timed steps run in rounds, one step of each variant per round in a rotating order,
 so background load hits all variants alike; the figure is the median over the rounds. Peak
@@ -96,6 +102,16 @@ VARIANTS = {
     "kdkit_bf16": Variant("kdkit", "(a) + bf16 autocast", bf16=True),
     "kdkit_channels_last_bf16": Variant("kdkit", "(a) + channels_last + bf16 autocast", channels_last=True, bf16=True),
     "kdkit_compile": Variant("kdkit", "(a) + torch.compile(student)", compile=True),
+    **{
+        f"{model}{suffix}": Variant(f"{model}_ce", f"{model} alone (CE){label}", channels_last="channels_last" in suffix, bf16="bf16" in suffix)
+        for model in ("teacher", "student")
+        for suffix, label in (
+            ("", ""),
+            ("_channels_last", " + channels_last"),
+            ("_bf16", " + bf16 autocast"),
+            ("_channels_last_bf16", " + channels_last + bf16 autocast"),
+        )
+    },  # fmt: skip
 }
 
 
@@ -147,7 +163,7 @@ def hdkd_objective(
 def kdkit_loss(teacher: nn.Module, student: nn.Module, image_size: int) -> tuple[LossFn, nn.Module]:
     """(a) kdkit's Distiller with the HDKD terms and stage taps.
 
-    The four loss builders of :data:`METHODS` share this signature.
+    The loss builders of :data:`METHODS` share this signature.
 
     Args:
         teacher: The frozen teacher.
@@ -238,12 +254,27 @@ def torchdistill_loss(teacher: nn.Module, student: nn.Module, image_size: int) -
     return loss_fn, student
 
 
+def teacher_ce_loss(teacher: nn.Module, student: nn.Module, image_size: int) -> tuple[LossFn, nn.Module]:
+    """Phase 1 of the recipe: the teacher alone, trained with cross-entropy. Arguments as :func:`kdkit_loss`."""
+    teacher.train().requires_grad_(True)
+    return (lambda images, labels: F.cross_entropy(teacher(images), labels)), teacher
+
+
+def student_ce_loss(teacher: nn.Module, student: nn.Module, image_size: int) -> tuple[LossFn, nn.Module]:
+    """The student alone (``hdkd_student_nodistill`` from :func:`build_step`), cross-entropy only."""
+    return (lambda images, labels: F.cross_entropy(student(images), labels)), student
+
+
 METHODS: dict[str, Callable[[nn.Module, nn.Module, int], tuple[LossFn, nn.Module]]] = {
     "kdkit": kdkit_loss,
     "floor": floor_loss,
     "rerun": rerun_loss,
     "torchdistill": torchdistill_loss,
+    "teacher_ce": teacher_ce_loss,
+    "student_ce": student_ce_loss,
 }
+DISTILLATION_VARIANTS = [name for name, variant in VARIANTS.items() if variant.method not in ("teacher_ce", "student_ce")]
+"""What runs by default: the distillation steps the issue's targets are about."""
 
 
 @dataclass
@@ -295,6 +326,9 @@ def build_step(
     variant = VARIANTS[name]
     if copy_models:
         teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+    if variant.method == "student_ce":  # the recipe's student alone has no distillation token
+        torch.manual_seed(SEED)
+        student = timm.create_model("hdkd_student_nodistill", num_classes=NUM_CLASSES, img_size=images.shape[-1])
     if variant.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
@@ -443,25 +477,59 @@ def target_checks(by_name: dict[str, dict]) -> list[dict[str, object]]:
     for other_name, target, highest_ratio in targets:
         if other_name not in by_name:
             continue
-        ratios = [mine / theirs for mine, theirs in zip(kdkit["step_s"], by_name[other_name]["step_s"], strict=True)]
-        median = statistics.median(ratios)
-        # Distribution-free (order-statistic) interval of the median ratio; q only sets the unused p-value.
-        interval = quantile_test(ratios, q=median, p=0.5).confidence_interval(CONFIDENCE)
-        bounded = math.isfinite(interval.low) and math.isfinite(interval.high)  # not with too few rounds
+        median, interval = paired_ratio(kdkit["step_s"], by_name[other_name]["step_s"])
         checks.append(
             {
                 "target": target,
                 "compared_with": other_name,
                 "step_time_ratio": median,  # kdkit's step time relative to the other's
-                "ratio_interval": [float(interval.low), float(interval.high)] if bounded else None,
+                "ratio_interval": interval,
                 "confidence": CONFIDENCE,
-                "rounds": len(ratios),
+                "rounds": len(kdkit["step_s"]),
                 "highest_ratio_allowed": highest_ratio,
                 "speedup": 1 / median,
-                "passed": bounded and bool(interval.high <= highest_ratio),
+                "passed": interval is not None and interval[1] <= highest_ratio,
             }
         )
     return checks
+
+
+def paired_ratio(step_s: list[float], other_step_s: list[float]) -> tuple[float, list[float] | None]:
+    """The median over rounds of one step time divided by the other's, and its confidence interval.
+
+    Returns:
+        The median ratio and its distribution-free (order-statistic) :data:`CONFIDENCE` interval,
+        ``None`` when there are too few rounds for one.
+    """
+    ratios = [mine / theirs for mine, theirs in zip(step_s, other_step_s, strict=True)]
+    median = statistics.median(ratios)
+    interval = quantile_test(ratios, q=median, p=0.5).confidence_interval(CONFIDENCE)  # q only sets the unused p-value
+    bounded = math.isfinite(interval.low) and math.isfinite(interval.high)
+    return median, [float(interval.low), float(interval.high)] if bounded else None
+
+
+def channels_last_effects(by_name: dict[str, dict]) -> list[dict[str, object]]:
+    """For each step run with and without channels_last (same precision): its effect, paired by round.
+
+    ``verdict`` is ``faster`` or ``slower`` when the whole confidence interval of the step-time
+    ratio lies on one side of 1, else ``undecided``.
+    """
+    effects = []
+    for plain, with_format in [
+        (f"{model}{precision}", f"{model}_channels_last{precision}")
+        for model in ("kdkit", "teacher", "student")
+        for precision in ("", "_bf16")
+    ]:
+        if plain not in by_name or with_format not in by_name:
+            continue
+        median, interval = paired_ratio(by_name[with_format]["step_s"], by_name[plain]["step_s"])
+        verdict = "undecided"
+        if interval is not None and interval[1] < 1:
+            verdict = "faster"
+        elif interval is not None and interval[0] > 1:
+            verdict = "slower"
+        effects.append({"variant": with_format, "compared_with": plain, "step_time_ratio": median, "ratio_interval": interval, "verdict": verdict})
+    return effects
 
 
 def describe_check(check: dict[str, object]) -> str:
@@ -478,8 +546,10 @@ def describe_check(check: dict[str, object]) -> str:
     )
 
 
-def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], args: argparse.Namespace) -> str:
-    """Formats the speed table, the target checks and the notes."""
+def to_markdown(
+    rows: list[dict[str, object]], checks: list[dict[str, object]], effects: list[dict[str, object]], args: argparse.Namespace
+) -> str:
+    """Formats the speed table, the target checks, the effects of channels_last and the notes."""
     by_name = {row["variant"]: row for row in rows}
     reference = by_name.get("kdkit")
     table = []
@@ -492,7 +562,8 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
                 f"{row['images_per_s']:.1f}",
                 f"{low:.1f} - {high:.1f}",
                 f"{row['median_step_s'] * 1000:.0f}",
-                "" if reference is None else f"{reference['median_step_s'] / row['median_step_s']:.3f}",
+                "" if reference is None or row["variant"] not in DISTILLATION_VARIANTS
+                else f"{reference['median_step_s'] / row['median_step_s']:.3f}",
                 f"{row['peak_rss_delta_mib']:.0f}",
                 f"{row['peak_rss_mib']:.0f}",
                 f"{row['setup_s'] + sum(row['warmup_s']):.1f}",
@@ -516,6 +587,18 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
         lines += ["Targets (issue 5), on the ratio of step times paired by round (the median and its confidence interval):", ""]
         lines += [describe_check(check) for check in checks]
         lines.append("")
+    if effects:
+        lines += ["channels_last, step time with it relative to without (median of the paired rounds, "
+                  f"{CONFIDENCE:.0%} confidence interval):", ""]  # fmt: skip
+        for effect in effects:
+            interval = "interval n/a: too few rounds" if effect["ratio_interval"] is None else (
+                "interval {:+.1%} to {:+.1%}".format(*(bound - 1 for bound in effect["ratio_interval"]))
+            )  # fmt: skip
+            lines.append(
+                f"- `{effect['variant']}` vs. `{effect['compared_with']}`: {effect['step_time_ratio'] - 1:+.1%} "
+                f"({interval}): {effect['verdict']}"
+            )
+        lines.append("")
     kdkit_rows = [row for row in rows if VARIANTS[row["variant"]].method == "kdkit"]
     if len(kdkit_rows) > 1:
         winner = max(kdkit_rows, key=lambda row: row["images_per_s"])
@@ -534,7 +617,10 @@ def to_markdown(rows: list[dict[str, object]], checks: list[dict[str, object]], 
         f"AdamW (lr {LEARNING_RATE}) step included in every variant. Objective in every variant: {CE_WEIGHT} CE + "
         f"{KL_WEIGHT} KL (T = {TEMPERATURE:g}) + {FEATURE_WEIGHT:g} x stage-weighted MSE on `{', '.join(TAPS)}` "
         "(weights 1, 2, 3). All variants start from the same weights and batch, so their step-1 losses agree "
-        "(under bf16 autocast up to rounding).",
+        "(under bf16 autocast up to rounding)."
+        + (" The `teacher` and `student` variants instead train that model alone with cross-entropy, as the recipe's "
+           "phase 1 and student-alone runs do (the student alone is `hdkd_student_nodistill`)."
+           if any(row["variant"] not in DISTILLATION_VARIANTS for row in rows) else ""),
         "",
         f"Timing: {args.warmup} untimed warm-up steps per variant, then {args.iters} rounds of one step of every "
         "variant, the order rotating each round so background load hits all alike; images/s = batch / median "
@@ -567,9 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        default=list(VARIANTS),
+        default=DISTILLATION_VARIANTS,
         metavar="VARIANT",
-        help=f"variants to run (default: all): {', '.join(VARIANTS)}",
+        help=f"variants to run (default: the distillation steps, {', '.join(DISTILLATION_VARIANTS)}); also: "
+        + ", ".join(name for name in VARIANTS if name not in DISTILLATION_VARIANTS),
     )
     parser.add_argument(
         "--threads",
@@ -606,8 +693,9 @@ def main(argv: list[str] | None = None) -> None:
         print("peak memory, one fresh process per variant:", flush=True)
         memory = measure_memory(names, args.batch_size, args.image_size, args.threads, MEMORY_STEPS)
     rows = [summarise(name, timing[name], memory[name], args.batch_size) for name in names]
-    checks = target_checks({row["variant"]: row for row in rows})
-    markdown = to_markdown(rows, checks, args)
+    by_name = {row["variant"]: row for row in rows}
+    checks, effects = target_checks(by_name), channels_last_effects(by_name)
+    markdown = to_markdown(rows, checks, effects, args)
     print(markdown)
     json_path, md_path = write_results(
         "distill_speed",
@@ -620,6 +708,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "variants": rows,
             "targets": checks,
+            "channels_last_effects": effects,
         },
         markdown,
         metadata,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,38 @@ def test_target_checks_pair_the_rounds_and_judge_the_upper_confidence_bound():
     by_name["torchdistill"]["step_s"] = kdkit[::-1]
     unpaired = distill_speed.target_checks(by_name)[2]
     assert unpaired["ratio_interval"][0] < 0.95 and unpaired["ratio_interval"][1] > 1.05 and not unpaired["passed"]
+
+
+def test_supervised_steps_train_the_recipes_models_alone(tiny_setup):
+    (teacher, student, images, labels), _ = tiny_setup
+    for name, model_name in (("teacher_channels_last_bf16", "hdkd_teacher"), ("student", "hdkd_student_nodistill")):
+        step = distill_speed.build_step(name, teacher, student, images, labels)
+        trained = [p for group in step.optimizer.param_groups for p in group["params"]]
+        reference = timm.create_model(model_name, num_classes=distill_speed.NUM_CLASSES, img_size=TINY_SIZE)
+        assert [p.shape for p in trained] == [p.shape for p in reference.parameters()], name
+        first = step()
+        assert math.isfinite(first) and step() != first  # the step trains
+    assert "teacher" not in distill_speed.DISTILLATION_VARIANTS and "kdkit_bf16" in distill_speed.DISTILLATION_VARIANTS
+
+
+def test_channels_last_effects_are_paired_and_need_the_whole_interval_on_one_side():
+    base = _rounds(1.0, 0.2)
+    by_name = {
+        "kdkit_bf16": {"step_s": base},
+        "kdkit_channels_last_bf16": {"step_s": [t * 1.1 for t in base]},
+        "teacher": {"step_s": base},
+        "teacher_channels_last": {"step_s": [t * 0.9 for t in base]},
+        "student_bf16": {"step_s": base},
+        "student_channels_last_bf16": {"step_s": base[::-1]},  # same times, unpaired: no decision
+        "student": {"step_s": base},  # without its channels_last twin: not compared
+    }
+    effects = distill_speed.channels_last_effects(by_name)
+    assert [(e["variant"], e["compared_with"], e["verdict"]) for e in effects] == [
+        ("kdkit_channels_last_bf16", "kdkit_bf16", "slower"),
+        ("teacher_channels_last", "teacher", "faster"),
+        ("student_channels_last_bf16", "student_bf16", "undecided"),
+    ]
+    assert effects[0]["step_time_ratio"] == pytest.approx(1.1)
 
 
 def test_target_checks_fail_with_too_few_rounds_for_an_interval():
