@@ -210,6 +210,12 @@ def test_a_worker_takes_the_runs_nobody_holds_and_the_rest_when_freed(tmp_path, 
     figures = ("teacher_curves", "activation_maps", "accuracy_vs_size", "confusion_hdkd_4_seed0")
     assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in figures)
 
+    # The trained teacher, reused by a new experiment: tested, not trained again.
+    teacher_file = tmp_path / "teacher" / "best_model.safetensors"
+    reused = recipe.run_experiment(_tiny_experiment(tmp_path / "reuse", teacher_checkpoint=str(teacher_file), resume=False))
+    assert reused["teacher"] == results["teacher"] and len(reused["runs"]) == 2
+    assert not (tmp_path / "reuse" / "teacher").exists()
+
 
 @pytest.mark.slow
 def test_distill_any_on_an_image_folder(tmp_path):
