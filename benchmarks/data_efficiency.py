@@ -101,6 +101,10 @@ def target_checks(gains_by_metric: dict[str, list[dict[str, object]]], dataset: 
     return checks
 
 
+def _mean_std(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {std:.2f}"  # no spread from one seed
+
+
 def to_markdown(results: dict[str, object], recipe_markdown: str, dataset: str) -> str:
     """The gains table per metric, the target checks, then the recipe's own tables."""
     lines = []
@@ -112,8 +116,8 @@ def to_markdown(results: dict[str, object], recipe_markdown: str, dataset: str) 
             "",
             markdown_table(
                 ["images per class", "seeds", "student alone", "HDKD", "gain (points)"] + (["paper's gain (224 px)"] if paper else []),
-                [[row["size"], row["seeds"], f"{row['student_mean']:.2f} ± {row['student_std']:.2f}",
-                  f"{row['hdkd_mean']:.2f} ± {row['hdkd_std']:.2f}", f"{row['gain']:+.2f}"]
+                [[row["size"], row["seeds"], _mean_std(row["student_mean"], row["student_std"], row["seeds"]),
+                  _mean_std(row["hdkd_mean"], row["hdkd_std"], row["seeds"]), f"{row['gain']:+.2f}"]
                  + ([f"{paper[row['size']]:+.1f}" if row["size"] in paper else "-"] if paper else []) for row in rows],
                 "lrrrr" + ("r" if paper else ""),
             ),  # fmt: skip

@@ -278,4 +278,6 @@ def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
     markdown = (tmp_path / "results" / "data_efficiency_brain_tumor_mri.md").read_text()
     assert "## Targets (mean test figures)" in markdown and "| paper's gain (224 px) |" in markdown
     assert "| all | 2 |" in markdown and markdown.count("+0.1 |") == 1  # the paper's gain on the whole set
+    assert " ± " in markdown.split("## Test accuracy")[1].split("## Test balanced")[0]
+    assert data_efficiency._mean_std(70.0, 0.0, 1) == "70.00" and data_efficiency._mean_std(70.0, 1.5, 2) == "70.00 ± 1.50"
     assert (tmp_path / "results" / "data_efficiency_brain_tumor_mri" / "accuracy_vs_size.png").stat().st_size > 1000
