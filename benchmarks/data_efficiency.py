@@ -33,6 +33,7 @@ from kdkit.recipe import (  # noqa: E402
     build_parser,
     config_from_args,
     configure_logging,
+    metric_values,
     run_experiment,
     set_cpu_threads,
 )
@@ -61,7 +62,7 @@ def gains(runs: list[dict[str, object]], metric: str) -> list[dict[str, object]]
     for size in dict.fromkeys(run["size"] for run in runs):
         cells = {}
         for arm in (STUDENT, HDKD):
-            values = [100 * float(r[metric]) for r in runs if r["model"] == arm and r["size"] == size]
+            values = metric_values(runs, arm, size, metric)
             if values:
                 cells[arm] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
         if len(cells) < 2:

@@ -58,6 +58,7 @@ __all__ = [
     "config_from_args",
     "configure_logging",
     "main",
+    "metric_values",
     "results_markdown",
     "run_experiment",
     "set_cpu_threads",
@@ -348,10 +349,18 @@ def _runs_of(
     return [r for r in runs if r["model"] == model and r["size"] == size and (seeds is None or r["seed"] in seeds)]
 
 
-def _metric_values(
+def metric_values(
     runs: Sequence[dict[str, object]], model: str, size: int | str, metric: str, seeds: Sequence[int] | None = None
 ) -> list[float]:
-    """``metric`` in percent of every run of ``model`` at ``size`` (and at ``seeds``, if given)."""
+    """``metric`` in percent of every run of ``model`` at ``size`` (and at ``seeds``, if given).
+
+    Args:
+        runs: The ``runs`` of a ``results.json``.
+        model: An arm (:data:`STUDENT`, :data:`HDKD`) or a baseline's timm name.
+        size: Images per class, or ``"all"``.
+        metric: ``"accuracy"``, ``"balanced_accuracy"`` or ``"macro_f1"``.
+        seeds: Keep only the runs of these seeds.
+    """
     return [100 * float(r[metric]) for r in _runs_of(runs, model, size, seeds)]  # type: ignore[arg-type]
 
 
@@ -385,7 +394,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")
     for size in map(_size_label, config.sizes):
         for metric in metrics:
-            student, hdkd = (_metric_values(runs, arm, size, metric) for arm in (STUDENT, HDKD))
+            student, hdkd = (metric_values(runs, arm, size, metric) for arm in (STUDENT, HDKD))
             if not student and not hdkd:
                 continue  # no finished run at this size (finished_only)
             gain = f"{statistics.fmean(hdkd) - statistics.fmean(student):+.2f}" if student and hdkd else "-"
@@ -406,7 +415,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         ]
         for size in map(_size_label, config.sizes):
             for metric in metrics:
-                cells = [_summary_cell(_metric_values(runs, arm, size, metric, seeds), len(seeds)) for arm in arms]
+                cells = [_summary_cell(metric_values(runs, arm, size, metric, seeds), len(seeds)) for arm in arms]
                 lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
             seconds = [
                 [float(r["train_seconds"]) for r in _runs_of(runs, arm, size, seeds)] for arm in arms
