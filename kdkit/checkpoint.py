@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -74,13 +75,38 @@ def _fsync_file(path: PathType) -> None:
         os.fsync(handle.fileno())
 
 
+def _new_sibling(path: Path) -> tuple[Path, int]:
+    """Creates an empty temporary file next to ``path``.
+
+    Returns:
+        The file and the mode a plain write would leave ``path`` with: its current mode if it
+        exists, else the umask's default for a new file (which the temporary file was created
+        with; :func:`tempfile.mkstemp` would make it private, 0600).
+    """
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        break
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = candidate.stat().st_mode
+    return candidate, stat.S_IMODE(mode)
+
+
 def atomic_write(path: PathType, write_fn: Callable[[Path], Any]) -> Path:
     """Writes ``path`` atomically.
 
     ``write_fn(tmp_path)`` writes the complete content to ``tmp_path``, a fresh file in the
     same directory as ``path``. The temporary file is then fsynced and renamed over ``path``
     (:func:`os.replace`), and the directory entry is fsynced. If ``write_fn`` raises, the
-    temporary file is removed and ``path`` is left untouched.
+    temporary file is removed and ``path`` is left untouched. The file ends up with the
+    permissions a plain write would give it: those of the file it replaces, or the umask's
+    default for a new one.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -88,11 +114,11 @@ def atomic_write(path: PathType, write_fn: Callable[[Path], Any]) -> Path:
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, mode = _new_sibling(path)
     try:
         write_fn(tmp)
+        # Writers such as safetensors replace the file with a private one of their own.
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ._progress import progress_bar
+from .checkpoint import atomic_write
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -355,16 +355,8 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _write_cache(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temporary file in the same folder + os.replace: readers never see a half-written cache.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # Atomic, so that readers (other workers) never see a half-written cache.
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     logger.info("Cached decoded images in %s", path)
 
 

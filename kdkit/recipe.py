@@ -505,7 +505,7 @@ class RunClaims:
             _warn_no_locks("this platform has no fcntl")
             return True
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             if not shared:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from kdkit.checkpoint import (
     CheckpointError,
     atomic_write,
+    atomic_write_text,
     load_model,
     load_safetensors,
     read_metadata,
@@ -182,6 +184,25 @@ def test_atomic_write_crash_keeps_previous_file(tmp_path: Path) -> None:
         atomic_write(path, crash)
     assert path.read_bytes() == b"version 1"
     assert sorted(os.listdir(tmp_path)) == ["data.bin"]  # no temporary file left behind
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    previous_umask = os.umask(0o027)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("reference")
+        fresh = atomic_write_text(tmp_path / "fresh.txt", "new file")
+        assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o640
+        # replacing a file keeps the mode its owner gave it, as writing into it would
+        os.chmod(fresh, 0o604)
+        atomic_write_text(fresh, "second version")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o604
+        assert fresh.read_text() == "second version"
+        weights = save_model(tiny_net(), tmp_path / "model.safetensors")
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o640
+    finally:
+        os.umask(previous_umask)
 
 
 def test_save_model_crash_midway_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
