@@ -15,6 +15,7 @@ benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import statistics
 import sys
@@ -26,18 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
 
+from kdkit.checkpoint import atomic_write  # noqa: E402
 from kdkit.recipe import (  # noqa: E402
     DATASETS,
-    HDKD,
-    STUDENT,
     build_parser,
     config_from_args,
     configure_logging,
-    metric_values,
+    paired_values,
     run_experiment,
     set_cpu_threads,
+    size_label,
 )
 from kdkit.train import distributed_without_accelerator  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_SIZES: list[int | None] = [50, 100, 150, None]  # None: the whole training pool
@@ -53,57 +56,76 @@ PAPER_GAINS = {
 }
 
 
-def gains(runs: list[dict[str, object]], metric: str) -> list[dict[str, object]]:
-    """Per size: mean and std of the student alone and of HDKD over seeds, and the gain (points).
+def _stdev(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None  # no spread from one seed
 
-    A size where one arm has no run yet (a ``--finished-only`` report) has no row.
+
+def gains(runs: list[dict[str, object]], metric: str, sizes: list[int | str]) -> list[dict[str, object]]:
+    """Per size, the two arms over the seeds where both finished, and the gain of HDKD (points).
+
+    A seed gives both arms the same images, so the gain is the mean of the per-seed differences
+    and its spread is theirs. A std is ``None`` with one seed; a size without a seed where both
+    arms finished (a ``--finished-only`` report) has no row.
     """
     rows = []
-    for size in dict.fromkeys(run["size"] for run in runs):
-        cells = {}
-        for arm in (STUDENT, HDKD):
-            values = metric_values(runs, arm, size, metric)
-            if values:
-                cells[arm] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-        if len(cells) < 2:
+    for size in sizes:
+        seeds, student, hdkd = paired_values(runs, size, metric)
+        if not seeds:
             continue
+        differences = [h - s for s, h in zip(student, hdkd, strict=True)]
         rows.append(
             {
                 "size": size,
-                "student_mean": cells[STUDENT][0],
-                "student_std": cells[STUDENT][1],
-                "hdkd_mean": cells[HDKD][0],
-                "hdkd_std": cells[HDKD][1],
-                "seeds": min(cells[STUDENT][2], cells[HDKD][2]),
-                "gain": cells[HDKD][0] - cells[STUDENT][0],
+                "seeds": seeds,
+                "student_mean": statistics.fmean(student),
+                "student_std": _stdev(student),
+                "hdkd_mean": statistics.fmean(hdkd),
+                "hdkd_std": _stdev(hdkd),
+                "gain": statistics.fmean(differences),
+                "gain_std": _stdev(differences),
             }
         )
     return rows
 
 
-def target_checks(gains_by_metric: dict[str, list[dict[str, object]]], dataset: str) -> list[dict[str, object]]:
-    """The issue's targets on mean test figures: ahead at every size, and the minimum gain at the smallest."""
-    checks = [
-        {"target": f"HDKD ahead of the student alone at {row['size']} images per class ({metric.replace('_', ' ')})",
-         "value": row["gain"], "passed": row["gain"] > 0}
-        for metric in TARGET_METRICS[dataset]
-        for row in gains_by_metric[metric]
-    ]  # fmt: skip
-    numeric = [row for row in gains_by_metric["accuracy"] if row["size"] != "all"]
+def target_checks(
+    gains_by_metric: dict[str, list[dict[str, object]]], dataset: str, sizes: list[int | str]
+) -> list[dict[str, object]]:
+    """The issue's targets on mean test figures: ahead at every size, and the minimum gain at the smallest.
+
+    ``passed`` is ``None`` for a target whose size has no paired runs yet: never a PASS unseen.
+    """
+
+    def check(target: str, row: dict[str, object] | None, threshold: float, inclusive: bool) -> dict[str, object]:
+        if row is None:
+            return {"target": target, "value": None, "passed": None}
+        gain = row["gain"]
+        return {"target": target, "value": gain, "passed": gain >= threshold if inclusive else gain > threshold}
+
+    checks = []
+    for metric in TARGET_METRICS[dataset]:
+        by_size = {row["size"]: row for row in gains_by_metric[metric]}
+        checks += [
+            check(f"HDKD ahead of the student alone at {size} images per class ({metric.replace('_', ' ')})",
+                  by_size.get(size), 0.0, inclusive=False)
+            for size in sizes
+        ]  # fmt: skip
+    numeric = [size for size in sizes if size != "all"]
     if numeric and (min_gain := SMALLEST_SIZE_MIN_GAIN.get(dataset)) is not None:
-        smallest = min(numeric, key=lambda row: row["size"])
-        checks.append(
-            {
-                "target": f"at least +{min_gain:g} points at {smallest['size']} images per class (accuracy)",
-                "value": smallest["gain"],
-                "passed": smallest["gain"] >= min_gain,
-            }
-        )
+        smallest = min(numeric)
+        row = next((row for row in gains_by_metric["accuracy"] if row["size"] == smallest), None)
+        checks.append(check(f"at least +{min_gain:g} points at {smallest} images per class (accuracy)", row, min_gain, inclusive=True))
     return checks
 
 
-def _mean_std(mean: float, std: float, seeds: int) -> str:
-    return f"{mean:.2f}" if seeds == 1 else f"{mean:.2f} ± {std:.2f}"  # no spread from one seed
+def _mean_std(mean: float, std: float | None, sign: str = "") -> str:
+    return f"{mean:{sign}.2f}" if std is None else f"{mean:{sign}.2f} ± {std:.2f}"
+
+
+def _verdict(check: dict[str, object]) -> str:
+    if check["passed"] is None:
+        return f"- NOT RUN: {check['target']} (no size with both arms finished)"
+    return f"- {'PASS' if check['passed'] else 'FAIL'}: {check['target']} ({check['value']:+.2f})"
 
 
 def to_markdown(results: dict[str, object], recipe_markdown: str, dataset: str) -> str:
@@ -113,20 +135,23 @@ def to_markdown(results: dict[str, object], recipe_markdown: str, dataset: str) 
         rows = results["gains"][metric]
         paper = PAPER_GAINS[dataset] if metric == "accuracy" else None
         lines += [
-            f"## Test {metric.replace('_', ' ')} (%), mean ± std over seeds",
+            f"## Test {metric.replace('_', ' ')} (%), mean ± std over the seeds where both arms finished",
             "",
             markdown_table(
                 ["images per class", "seeds", "student alone", "HDKD", "gain (points)"] + (["paper's gain (224 px)"] if paper else []),
-                [[row["size"], row["seeds"], _mean_std(row["student_mean"], row["student_std"], row["seeds"]),
-                  _mean_std(row["hdkd_mean"], row["hdkd_std"], row["seeds"]), f"{row['gain']:+.2f}"]
+                [[row["size"], len(row["seeds"]), _mean_std(row["student_mean"], row["student_std"]),
+                  _mean_std(row["hdkd_mean"], row["hdkd_std"]), _mean_std(row["gain"], row["gain_std"], "+")]
                  + ([f"{paper[row['size']]:+.1f}" if row["size"] in paper else "-"] if paper else []) for row in rows],
                 "lrrrr" + ("r" if paper else ""),
             ),  # fmt: skip
             "",
         ]
     lines += ["## Targets (mean test figures)", ""]
-    lines += [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['target']} ({c['value']:+.2f})" for c in results["checks"]]
+    lines += [_verdict(check) for check in results["checks"]]
+    hours = sum(float(run["train_seconds"]) for run in results["runs"]) / 3600
     lines += [
+        "",
+        f"Training time of the {len(results['runs'])} runs above, summed (the teacher's not included): {hours:.1f} h.",
         "",
         f"Figures: `data_efficiency_{dataset}/accuracy_vs_size.png` (Figure 3), "
         f"`data_efficiency_{dataset}/activation_maps.png` (Figure 5).",
@@ -161,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     if not PartialState(cpu=distributed_without_accelerator()).is_main_process:
         return
     output = Path(config.output_dir)
-    by_metric = {metric: gains(results["runs"], metric) for metric in METRICS}
-    report = {**results, "gains": by_metric, "checks": target_checks(by_metric, dataset)}
+    sizes = [size_label(size) for size in config.sizes]
+    by_metric = {metric: gains(results["runs"], metric, sizes) for metric in METRICS}
+    report = {**results, "gains": by_metric, "checks": target_checks(by_metric, dataset, sizes)}
     markdown = to_markdown(report, (output / "results.md").read_text(encoding="utf-8"), dataset)
     print(markdown)
     name = f"data_efficiency_{dataset}"
@@ -170,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     figures = args.results_dir / name
     figures.mkdir(parents=True, exist_ok=True)
     for figure in ("accuracy_vs_size.png", "activation_maps.png", "confusion_teacher.png"):
-        shutil.copy2(output / figure, figures / figure)
+        if (output / figure).is_file():
+            # Atomic: every worker of a shared experiment writes its report at the end.
+            atomic_write(figures / figure, lambda tmp, source=output / figure: shutil.copyfile(source, tmp))
+        else:
+            logger.warning("No %s in %s to copy", figure, output)
     print(f"\nwritten: {args.results_dir / name}.json, .md and {figures}/")
 
 

@@ -65,6 +65,7 @@ TAPS = ["stages.0", "stages.1", "stages.2"]
 CE_WEIGHT, KL_WEIGHT, FEATURE_WEIGHT, TEMPERATURE = 0.5, 0.5, 10.0, 1.0
 LEARNING_RATE = 1e-4
 SEED = 0
+STUDENT_ALONE = "hdkd_student_nodistill"  # the recipe's student trained alone
 # Targets are judged on the median of per-round step-time ratios at this confidence.
 CONFIDENCE = 0.95
 # "Not slower" than torchdistill: kdkit's step may take at most this much longer (upper confidence bound).
@@ -305,6 +306,12 @@ def make_batch(batch_size: int, image_size: int, seed: int = SEED) -> tuple[Tens
     return images, labels
 
 
+def build_student_alone(image_size: int) -> nn.Module:
+    """The recipe's student alone (no distillation token), from the benchmark's seed."""
+    torch.manual_seed(SEED)
+    return timm.create_model(STUDENT_ALONE, num_classes=NUM_CLASSES, img_size=image_size)
+
+
 def build_step(
     name: str,
     teacher: nn.Module,
@@ -326,9 +333,8 @@ def build_step(
     variant = VARIANTS[name]
     if copy_models:
         teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
-    if variant.method == "student_ce":  # the recipe's student alone has no distillation token
-        torch.manual_seed(SEED)
-        student = timm.create_model("hdkd_student_nodistill", num_classes=NUM_CLASSES, img_size=images.shape[-1])
+    if variant.method == "student_ce" and student.pretrained_cfg["architecture"] != STUDENT_ALONE:
+        student = build_student_alone(images.shape[-1])
     if variant.channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
@@ -372,6 +378,8 @@ def probe_memory(name: str, batch_size: int, image_size: int, threads: int, step
     images, labels = make_batch(batch_size, image_size)
     if VARIANTS[name].method == "torchdistill":
         import torchdistill.core.forward_hook  # noqa: F401  (a library's import is not training memory)
+    if VARIANTS[name].method == "student_ce":  # its own model, in the baseline like the others'
+        student = build_student_alone(image_size)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     baseline = _status_kib("VmRSS")

@@ -55,7 +55,7 @@ def export_onnx(model: nn.Module, image_size: int, path: Path) -> dict[str, floa
         The file size in MB and the largest absolute difference of the logits at batch 1 and 3.
 
     Raises:
-        AssertionError: onnxruntime's logits differ from PyTorch's by more than 1e-4.
+        AssertionError: onnxruntime's logits differ from PyTorch's by more than 1e-4, or are NaN.
     """
     import onnxruntime
 
@@ -72,9 +72,10 @@ def export_onnx(model: nn.Module, image_size: int, path: Path) -> dict[str, floa
         with torch.inference_mode():
             expected = model(images).numpy()
         (logits,) = session.run(None, {"images": images.numpy()})
-        worst = max(worst, float(np.abs(logits - expected).max()))
-    if worst > 1e-4:
-        raise AssertionError(f"onnxruntime and PyTorch logits of {path} differ by {worst:.2e}")
+        difference = float(np.abs(logits - expected).max())
+        if not difference <= 1e-4:  # NaN logits fail too
+            raise AssertionError(f"onnxruntime and PyTorch logits of {path} differ by {difference:.2e} at batch {size}")
+        worst = max(worst, difference)
     return {"size_mb": path.stat().st_size / 1e6, "max_abs_diff": worst}
 
 
@@ -132,7 +133,7 @@ def measure(
 
 def summarise(timing: dict[str, list[float]], batch_size: int) -> dict[str, float]:
     """Median batch-1 latency (ms, with quartiles) and median throughput (images/s)."""
-    q1, _, q3 = statistics.quantiles(timing["latency_s"], n=4) if len(timing["latency_s"]) > 1 else [timing["latency_s"][0]] * 3
+    q1, _, q3 = statistics.quantiles(timing["latency_s"], n=4, method="inclusive") if len(timing["latency_s"]) > 1 else [timing["latency_s"][0]] * 3
     return {
         "latency_ms": 1e3 * statistics.median(timing["latency_s"]),
         "latency_ms_q1_q3": [1e3 * q1, 1e3 * q3],
@@ -142,7 +143,6 @@ def summarise(timing: dict[str, list[float]], batch_size: int) -> dict[str, floa
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Builds the models, exports the student, times everything and returns the rows."""
-    torch.set_num_threads(args.threads)
     models = {name: build_model(name, args.image_size) for name in args.models}
     size = args.image_size
     generator = torch.Generator().manual_seed(SEED)
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # before the metadata, which records the thread count
     metadata = run_metadata()
     results = run(args)
     markdown = to_markdown(results, args)

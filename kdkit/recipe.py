@@ -45,7 +45,7 @@ from .checkpoint import atomic_write_text, load_model
 from .distiller import Distiller, LossTerm
 from .explain import channel_mean_maps
 from .plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
-from .train import Supervised, TrainConfig, Trainer, checkpoint_epoch, distributed_without_accelerator
+from .train import ResumeError, Supervised, TrainConfig, Trainer, checkpoint_epoch, distributed_without_accelerator
 
 __all__ = [
     "DATASETS",
@@ -59,9 +59,11 @@ __all__ = [
     "configure_logging",
     "main",
     "metric_values",
+    "paired_values",
     "results_markdown",
     "run_experiment",
     "set_cpu_threads",
+    "size_label",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,13 @@ DATASETS = ("brain_tumor_mri", "ham10000")
 """The data sets the recipe knows how to load."""
 CLAIM_POLL_SECONDS = 30.0
 """How often a worker with nothing left to do looks again at the runs other workers hold."""
+EXPERIMENT_FILE = "experiment.json"
+"""The file in the output folder that records the settings an experiment's runs were trained with."""
+# Fields free to change between the invocations of one experiment: where files are, how it runs,
+# which runs it adds (sizes, seeds, baselines) and whether it only reports.
+_INVOCATION_FIELDS = frozenset(
+    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers", "num_figure_images"}
+)
 STUDENT, HDKD = "student", "HDKD"
 """Names of the two arms every size and seed trains: the student alone, and distilled."""
 FEATURE_TAPS = ["stages.0", "stages.1", "stages.2"]
@@ -225,6 +234,10 @@ class ExperimentConfig:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.sizes or not self.seeds:
             raise ValueError("at least one size and one seed are needed")
+        for name in ("sizes", "seeds", "baselines", "baseline_seeds"):
+            values = getattr(self, name) or []
+            if repeated := sorted({str(value) for value in values if values.count(value) > 1}):
+                raise ValueError(f"{name} lists {', '.join(repeated)} more than once")
         if self.finished_only and not self.resume:
             raise ValueError("finished_only reports the runs already in output_dir: it needs resume=True")
         if unknown := [name for name in self.baselines if not timm.is_model(name)]:
@@ -240,15 +253,19 @@ class ExperimentConfig:
 
     def teacher_epochs_for(self, num_images: int) -> int:
         """Epochs of the teacher on ``num_images`` images under :attr:`teacher_image_budget`."""
-        return _epochs_within(self.teacher_image_budget, self.teacher_epochs, num_images)
+        return _epochs_reaching(self.teacher_image_budget, self.teacher_epochs, num_images)
 
     def student_epochs_for(self, num_images: int) -> int:
         """Epochs of a student run on ``num_images`` images under :attr:`student_image_budget`."""
-        return _epochs_within(self.student_image_budget, self.student_epochs, num_images)
+        return _epochs_reaching(self.student_image_budget, self.student_epochs, num_images)
 
 
-def _epochs_within(budget: int | None, epochs: int, num_images: int) -> int:
-    """``epochs``, or fewer (at least one) when ``epochs`` passes over ``num_images`` would exceed ``budget``."""
+def _epochs_reaching(budget: int | None, epochs: int, num_images: int) -> int:
+    """``epochs``, or fewer: the fewest whole passes over ``num_images`` that reach ``budget`` images.
+
+    The last pass may overshoot the budget (5,137 images and a budget of 18,000: 4 epochs,
+    20,548 images), so that no run sees fewer images than the budget.
+    """
     if budget is None:
         return epochs
     return max(1, min(epochs, math.ceil(budget / num_images)))
@@ -257,7 +274,8 @@ def _epochs_within(budget: int | None, epochs: int, num_images: int) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _size_label(size: int | None) -> int | str:
+def size_label(size: int | None) -> int | str:
+    """The label of a training-set size in records: images per class, or ``"all"`` for ``None``."""
     return "all" if size is None else size
 
 
@@ -289,10 +307,11 @@ def _train_config(config: ExperimentConfig, output_dir: Path, *, teacher: bool, 
             **shared,
         )
     epochs = config.student_epochs_for(num_images)
-    # A shortened run keeps the warm-up's share of the schedule (at least one epoch).
+    # A shortened run keeps the warm-up's share of the schedule (at least one epoch), and at
+    # least one epoch of decay: a one-epoch run has no warm-up.
     warmup = config.student_warmup_epochs
     if epochs < config.student_epochs and warmup:
-        warmup = max(1, round(warmup * epochs / config.student_epochs))
+        warmup = min(max(1, round(warmup * epochs / config.student_epochs)), epochs - 1)
     return TrainConfig(
         epochs=epochs,
         opt="adamw",
@@ -329,6 +348,8 @@ def _fit_and_test(
         _loader(splits["val"], config, train=False),
         resume=config.resume,
     )
+    if result.best_model_path is None:
+        raise FileNotFoundError(f"{train_config.output_dir} holds no best_model.safetensors to test; train the run again without resume")
     load_model(task.student, result.best_model_path, expected_classes=classes)
     test_metrics = trainer.evaluate(_loader(splits["test"], config, train=False))
     return {"fit": result, "test": test_metrics}
@@ -364,6 +385,21 @@ def metric_values(
     return [100 * float(r[metric]) for r in _runs_of(runs, model, size, seeds)]  # type: ignore[arg-type]
 
 
+def paired_values(runs: Sequence[dict[str, object]], size: int | str, metric: str) -> tuple[list[int], list[float], list[float]]:
+    """The seeds at ``size`` where both arms finished, with ``metric`` (percent) of each arm there.
+
+    A seed gives the student alone and HDKD the same images, so the gain of distillation is the
+    mean of the per-seed differences, over these seeds only.
+
+    Returns:
+        The seeds in increasing order, the student's values and HDKD's values in that order.
+    """
+    finished = [{run["seed"] for run in _runs_of(runs, arm, size)} for arm in (STUDENT, HDKD)]
+    seeds = sorted(finished[0] & finished[1])
+    student, hdkd = ([metric_values(runs, arm, size, metric, [seed])[0] for seed in seeds] for arm in (STUDENT, HDKD))
+    return seeds, student, hdkd
+
+
 def _summary_cell(values: Sequence[float], expected_runs: int) -> str:
     """``mean ± std`` over seeds, a lone run without a spread, and the count when runs are missing."""
     if not values:
@@ -385,19 +421,22 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         f"balanced accuracy {100 * teacher['balanced_accuracy']:.2f}%, macro F1 {100 * teacher['macro_f1']:.2f}%.",
         "",
         f"{config.image_size} px, {config.student_epochs} student epochs"
-        + (f" (at most {config.student_image_budget:,} training images per run)" if config.student_image_budget else "")
-        + f", seeds {config.seeds}; mean ± standard deviation over seeds.",
+        + (f" (fewer where that many reach {config.student_image_budget:,} training images)" if config.student_image_budget else "")
+        + f", seeds {config.seeds}; mean ± standard deviation over seeds; the gain over the seeds both arms finished.",
         "",
         "| images per class | metric | student | HDKD | gain |",
         "|---|---|---|---|---|",
     ]
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")
-    for size in map(_size_label, config.sizes):
+    for size in map(size_label, config.sizes):
         for metric in metrics:
             student, hdkd = (metric_values(runs, arm, size, metric) for arm in (STUDENT, HDKD))
             if not student and not hdkd:
                 continue  # no finished run at this size (finished_only)
-            gain = f"{statistics.fmean(hdkd) - statistics.fmean(student):+.2f}" if student and hdkd else "-"
+            seeds, paired_student, paired_hdkd = paired_values(runs, size, metric)
+            gain = f"{statistics.fmean(paired_hdkd) - statistics.fmean(paired_student):+.2f}" if seeds else "-"
+            if seeds and len(seeds) < max(len(student), len(hdkd)):
+                gain += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
             cells = [_summary_cell(values, len(config.seeds)) for values in (student, hdkd)]
             lines.append(f"| {size} | {metric} | {cells[0]} | {cells[1]} | {gain} |")
     if unfinished := results.get("unfinished"):
@@ -413,7 +452,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
             "| images per class | metric | " + " | ".join(f"`{arm}`" if arm in config.baselines else arm for arm in arms) + " |",
             "|---|---|" + "---|" * len(arms),
         ]
-        for size in map(_size_label, config.sizes):
+        for size in map(size_label, config.sizes):
             for metric in metrics:
                 cells = [_summary_cell(metric_values(runs, arm, size, metric, seeds), len(seeds)) for arm in arms]
                 lines.append(f"| {size} | {metric} | " + " | ".join(cells) + " |")
@@ -475,15 +514,21 @@ class RunClaims:
         """
         if _main_decides(lambda: self._lock("experiment", shared=resume)):
             return
-        if resume:
+        if not resume and _main_decides(self._others_resume):
             raise RuntimeError(
-                f"a worker without resume is training in {self.folder.parent}: it retrains every run, "
-                "so no other worker can share the folder with it"
+                f"other workers are training in {self.folder.parent}: start this one with resume (--resume) "
+                "to share the runs with them, or give it another output folder"
             )
         raise RuntimeError(
-            f"other workers are training in {self.folder.parent}: start this one with resume (--resume) "
-            "to share the runs with them, or give it another output folder"
+            f"a worker without resume is training in {self.folder.parent}: it retrains every run, so no other "
+            "worker can share the folder with it; wait for it to end, or give this one another output folder"
         )
+
+    def _others_resume(self) -> bool:
+        """Whether the workers in the folder joined with resume (they share it), not without."""
+        if shared := self._lock("experiment", shared=True):
+            self.release("experiment")
+        return shared
 
     def acquire(self, name: str) -> bool:
         """Claims run ``name`` unless another worker holds it; ``True`` when this worker now holds it."""
@@ -548,11 +593,16 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     ``resume``; on a CPU, two one-thread workers train faster than one two-thread process). They
     share out the runs through :class:`RunClaims`: a worker trains the runs nobody holds, does the
     runs that need no teacher while another worker trains it, then waits for the runs others hold
-    and collects them, so every worker writes the same complete report.
+    and collects them, so every worker writes the same complete report. The settings that define
+    the results are recorded in ``experiment.json``; a ``resume`` with other values is refused.
 
     Returns:
         The content of ``results.json``: ``{"teacher": {...}, "runs": [...], "unfinished": [...], "config": {...}}``;
         ``unfinished`` names the runs a ``finished_only`` report left out.
+
+    Raises:
+        ResumeError: ``resume`` with settings other than those the folder's runs were trained with.
+        RuntimeError: workers with and without ``resume`` on one folder.
     """
     # Like the Trainer's Accelerator: under torchrun on a CPU-only machine, ask for CPU DDP.
     state = PartialState(cpu=distributed_without_accelerator())
@@ -560,6 +610,46 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     output_dir.mkdir(parents=True, exist_ok=True)
     claims = RunClaims(output_dir / ".claims")
     claims.join(resume=config.resume)
+    try:
+        _main_decides(lambda: _check_same_settings(config, output_dir))
+        return _run_joined(config, claims, output_dir, state)
+    finally:
+        claims.release("experiment")  # a notebook or driver that carries on must not keep others out
+
+
+def _settings(config: ExperimentConfig) -> dict[str, object]:
+    """The settings that define an experiment's results, as they read back from JSON."""
+    defining = {name: value for name, value in dataclasses.asdict(config).items() if name not in _INVOCATION_FIELDS}
+    return json.loads(json.dumps(defining))
+
+
+def _check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
+    """Records the experiment's settings in ``experiment.json``; a resume must match them.
+
+    Each run's checkpoint refuses another training setup, but the loss weights, the teacher,
+    the image size of a convolutional network and the data split lie outside it: resumed with
+    other values, finished runs would be reported under settings they were not trained with.
+
+    Raises:
+        ResumeError: ``resume`` with settings other than the recorded ones, all of them listed.
+    """
+    path = output_dir / EXPERIMENT_FILE
+    settings = _settings(config)
+    if config.resume and path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        # Only the recorded fields: a field added to kdkit since keeps its old behaviour by default.
+        if changed := sorted(name for name in recorded.keys() & settings.keys() if recorded[name] != settings[name]):
+            raise ResumeError(
+                f"cannot resume the experiment in {output_dir} with other settings than {path} records: "
+                + "; ".join(f"{name} {recorded[name]!r} there, {settings[name]!r} now" for name in changed)
+                + ". Pass the recorded values, or give this experiment another output folder (--output-dir)"
+            )
+        return
+    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, state: PartialState) -> dict[str, object]:
+    """The body of :func:`run_experiment`, once this worker has joined the folder."""
     started = time.perf_counter()
     splits = _load_splits(config)
     pool_full = splits["train"]
@@ -621,7 +711,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
             subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
             baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
             for arm in (STUDENT, HDKD, *baselines):
-                planned.append(_PlannedRun(f"{arm.lower()}_{_size_label(size)}_seed{seed}", arm, size, seed, subset))
+                planned.append(_PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
     records: dict[str, dict[str, object]] = {}
     left_out: set[str] = set()
     figure_models: dict[str, nn.Module] = {}
@@ -666,11 +756,10 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     if state.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
         atomic_write_text(output_dir / "results.md", results_markdown(results, config))
-        plot_accuracy_vs_size(
-            [run for run in runs if run["model"] in (STUDENT, HDKD)],
-            output_dir / "accuracy_vs_size.png",
-            baselines=[run for run in runs if run["model"] in config.baselines],
-        )
+        if arm_runs := [run for run in runs if run["model"] in (STUDENT, HDKD)]:  # none yet in an early report
+            plot_accuracy_vs_size(
+                arm_runs, output_dir / "accuracy_vs_size.png", baselines=[run for run in runs if run["model"] in config.baselines]
+            )
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
         images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
         # Rows in a fixed order, whichever order this worker trained or collected the runs in.
@@ -715,7 +804,7 @@ def _train_planned_run(
     logger.info("%s: test accuracy %.4f", run.name, outcome["test"]["accuracy"])
     return {
         "model": run.arm,
-        "size": _size_label(run.size),
+        "size": size_label(run.size),
         "seed": run.seed,
         "distill": run.arm == HDKD,
         "num_train": len(run.subset),
@@ -833,7 +922,8 @@ def set_cpu_threads(threads: int | None) -> None:
     # halves CPU training speed on a two-core machine; share the available cores instead.
     if threads is None:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        threads = max(1, len(os.sched_getaffinity(0)) // local_processes)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux only
+        threads = max(1, cores // local_processes)
     torch.set_num_threads(threads)
 
 

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import time
 import warnings
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._progress import progress_bar
-from .checkpoint import atomic_write_text, fsync_dir, save_model, unwrap_model
+from .checkpoint import atomic_write_text, fsync_dir, read_metadata, save_model, unwrap_model
 from .outputs import StepOutput, mean_of_heads
 
 __all__ = [
@@ -603,6 +604,9 @@ class Trainer:
         self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
         self.final_val_metrics: dict[str, Any] | None = None
+        # Written into checkpoints and the best model, so that a resume can tell whether both
+        # come from one run (not `random`: seeded runs would all draw the same id).
+        self.run_id = secrets.token_hex(8)
 
     def _prepare_loader(self, loader: Any) -> Any:
         if getattr(loader, "_is_accelerate_prepared", False):
@@ -934,7 +938,8 @@ class Trainer:
             architecture = (getattr(student, "pretrained_cfg", None) or {}).get("architecture")
             if architecture:
                 meta["model_name"] = architecture
-            meta.update({"epoch": epoch, "select_metric": cfg.select_metric, "metric_value": self.best_metric})
+            meta.update({"epoch": epoch, "select_metric": cfg.select_metric, "metric_value": self.best_metric,
+                         "run_id": self.run_id})
             meta.update(self.metadata)
             save_model(student, self.best_model_path, metadata=meta)
         acc.wait_for_everyone()
@@ -1007,6 +1012,7 @@ class Trainer:
             "class_names": self.class_names,
             "updates_per_epoch": self._updates_per_epoch,
             "num_processes": self.accelerator.num_processes,
+            "run_id": self.run_id,
         }
 
     def save_checkpoint(self) -> Path:
@@ -1080,12 +1086,15 @@ class Trainer:
                 + (" (same classes, different names or shapes)" if saved.get("student") == model["student"] else ""))
         if state.get("class_names") != self.class_names:
             problems.append(f"class_names: checkpoint {state.get('class_names')}, now {self.class_names}")
-        if state.get("updates_per_epoch") != self._updates_per_epoch:
+        # A finished run is only collected, so another number of processes (which changes the
+        # updates per epoch) may collect it.
+        same_processes = state.get("num_processes") == self.accelerator.num_processes
+        if not (same_processes or state.get("finished")):
+            problems.append(f"num_processes: checkpoint {state.get('num_processes')}, now {self.accelerator.num_processes}")
+        elif same_processes and state.get("updates_per_epoch") != self._updates_per_epoch:
             problems.append(
                 f"train_loader: checkpoint had {state.get('updates_per_epoch')} optimizer updates per epoch, now "
-                f"{self._updates_per_epoch} (different data, batch size or number of processes)")
-        if state.get("num_processes") != self.accelerator.num_processes:
-            problems.append(f"num_processes: checkpoint {state.get('num_processes')}, now {self.accelerator.num_processes}")
+                f"{self._updates_per_epoch} (different data or batch size)")
         if problems:
             raise ResumeError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
 
@@ -1120,7 +1129,26 @@ class Trainer:
         self.best_epoch = state.get("best_epoch")
         self.history = list(state.get("history", []))
         self.final_val_metrics = state.get("final_val_metrics")
+        self.run_id = state.get("run_id") or self.run_id  # checkpoints before run ids have none
+        self._check_best_model_of_this_run(path, state)
         logger.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _check_best_model_of_this_run(self, path: Path, state: Mapping[str, Any]) -> None:
+        """Refuses a best model written by another run than the checkpoint's.
+
+        A fresh start over a folder keeps the old checkpoint until its own first one; killed in
+        between, it leaves the old checkpoint beside its new best model, which a resume would
+        otherwise report as the old run's.
+        """
+        if state.get("run_id") is None or not self.best_model_path.is_file():
+            return
+        written_by = read_metadata(self.best_model_path).get("run_id")
+        if written_by != state["run_id"]:
+            raise ResumeError(
+                f"{self.best_model_path} comes from another run than the checkpoint {path} (run "
+                f"{written_by!r}, checkpoint run {state['run_id']!r}): a fresh start in {self.output_dir} "
+                "was interrupted before its first checkpoint. Start afresh (resume=False) to train this run again."
+            )
 
     def _result(self) -> FitResult:
         return FitResult(

@@ -115,6 +115,18 @@ def test_image_budgets_shorten_only_large_sets():
         ExperimentConfig(baseline_seeds=[0])
     with pytest.raises(ValueError, match="baseline_seeds needs baselines and at least one seed"):
         ExperimentConfig(baselines=["resnet10t"], baseline_seeds=[])
+    with pytest.raises(ValueError, match="seeds lists 0 more than once"):
+        ExperimentConfig(seeds=[0, 1, 0])
+    with pytest.raises(ValueError, match="sizes lists None more than once"):
+        ExperimentConfig(sizes=[50, None, None])
+
+
+def test_a_run_cut_to_one_epoch_has_no_warm_up(tmp_path):
+    from kdkit.recipe import ExperimentConfig, _train_config
+
+    config = ExperimentConfig(student_epochs=30, student_warmup_epochs=2, student_image_budget=18_000)
+    warmups = {n: _train_config(config, tmp_path, teacher=False, seed=0, num_images=n) for n in (200, 5137, 10**6)}
+    assert [(c.epochs, c.warmup_epochs) for c in warmups.values()] == [(30, 2), (4, 1), (1, 0)]
 
 
 def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
@@ -174,6 +186,34 @@ def test_workers_with_and_without_resume_do_not_share_a_folder(tmp_path):
         RunClaims(tmp_path / "a").join(resume=False)
     with _other_worker(tmp_path / "b", "fresh"), pytest.raises(RuntimeError, match="a worker without resume is training"):
         RunClaims(tmp_path / "b").join(resume=True)
+    with _other_worker(tmp_path / "c", "fresh"), pytest.raises(RuntimeError, match="without resume is training.*wait for it"):
+        RunClaims(tmp_path / "c").join(resume=False)
+
+
+@requires_locks
+def test_a_resume_must_keep_the_experiments_settings(tmp_path):
+    from kdkit.recipe import EXPERIMENT_FILE, run_experiment
+    from kdkit.train import ResumeError
+
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    # Each call stops at loading the (missing) data: after the settings check, which comes first.
+    with pytest.raises(FileNotFoundError):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), resume=False))
+    recorded = json.loads((tmp_path / EXPERIMENT_FILE).read_text())
+    assert recorded["alpha"] == 0.5 and recorded["image_size"] == 32 and "seeds" not in recorded
+    with pytest.raises(ResumeError, match=r"alpha 0.5 there, 0.7 now; image_size 32 there, 48 now\. Pass the recorded"):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, image_size=48))
+    # more seeds, sizes or baselines, and a report of what finished, extend the same experiment
+    with pytest.raises(FileNotFoundError):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), seeds=[0, 1], sizes=[4, 8], finished_only=True))
+    # starting afresh records the new settings
+    with pytest.raises(FileNotFoundError):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, resume=False))
+    assert json.loads((tmp_path / EXPERIMENT_FILE).read_text())["alpha"] == 0.7
+    # the experiment's lock went with the call: a worker without resume may take the folder
+    with _other_worker(tmp_path / ".claims", "fresh"):
+        pass
 
 
 def _tiny_experiment(tmp_path, **overrides):
@@ -215,6 +255,10 @@ def test_a_worker_takes_the_runs_nobody_holds_and_the_rest_when_freed(tmp_path, 
     reused = recipe.run_experiment(_tiny_experiment(tmp_path / "reuse", teacher_checkpoint=str(teacher_file), resume=False))
     assert reused["teacher"] == results["teacher"] and len(reused["runs"]) == 2
     assert not (tmp_path / "reuse" / "teacher").exists()
+
+    # A report while only the teacher has finished at the sizes asked for: tables, no size plot.
+    early = recipe.run_experiment(_tiny_experiment(tmp_path, sizes=[6], finished_only=True))
+    assert early["runs"] == [] and early["unfinished"] == ["student_6_seed0", "hdkd_6_seed0"]
 
 
 @pytest.mark.slow

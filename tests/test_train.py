@@ -235,7 +235,9 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path, sched
 
     best_run, best_ref = tmp_path / "run" / "best_model.safetensors", tmp_path / "ref" / "best_model.safetensors"
     assert_same_state(load_file(best_run), load_file(best_ref))
-    assert read_metadata(best_run) == read_metadata(best_ref)
+    run_meta, ref_meta = read_metadata(best_run), read_metadata(best_ref)
+    assert run_meta.pop("run_id") != ref_meta.pop("run_id")  # two runs that end alike
+    assert run_meta == ref_meta
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
@@ -271,6 +273,35 @@ def test_resume_with_different_config_or_model_is_an_error(tmp_path: Path) -> No
         make_trainer(tmp_path, epochs=1).fit(train, val, resume=tmp_path / "nowhere")
     # fields that do not affect the numbers may change
     make_trainer(tmp_path, epochs=1, log_every=3, keep_last=2).fit(train, val, resume=True)
+
+
+def test_a_finished_run_is_collected_by_another_number_of_processes(tmp_path: Path) -> None:
+    train, val = loaders()
+    first = make_trainer(tmp_path, epochs=1).fit(train, val)
+    state_file = tmp_path / "checkpoints" / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.update(num_processes=2, updates_per_epoch=3)  # as if trained by two DDP processes
+    state_file.write_text(json.dumps(state))
+    assert make_trainer(tmp_path, epochs=1).fit(train, val, resume=True).history == first.history
+    # an unfinished one cannot continue on another number of processes
+    state.update(finished=False, epoch=0)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ResumeError, match="num_processes: checkpoint 2, now 1"):
+        make_trainer(tmp_path, epochs=1).fit(train, val, resume=True)
+
+
+def test_interrupted_fresh_start_over_a_finished_run_is_not_collected(tmp_path: Path) -> None:
+    train, val = loaders()
+    make_trainer(tmp_path, epochs=2).fit(train, val)
+    # A fresh start writes its first best model, then dies before its first checkpoint (epoch 2).
+    with pytest.raises(KeyboardInterrupt, match="simulated"):
+        make_trainer(tmp_path, loss=ScriptedCE(crash_at=10), epochs=2, checkpoint_every=2).fit(train, val)
+    assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
+    with pytest.raises(ResumeError, match="best_model.safetensors comes from another run than the checkpoint"):
+        make_trainer(tmp_path, epochs=2).fit(train, val, resume=True)
+    # the same run's best model and checkpoint resume as before
+    make_trainer(tmp_path, epochs=2).fit(train, val)
+    assert make_trainer(tmp_path, epochs=2).fit(train, val, resume=True).best_epoch is not None
 
 
 def _run_script(out: Path, *args: str, **popen) -> subprocess.Popen:
