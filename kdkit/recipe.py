@@ -421,7 +421,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         f"balanced accuracy {100 * teacher['balanced_accuracy']:.2f}%, macro F1 {100 * teacher['macro_f1']:.2f}%.",
         "",
         f"{config.image_size} px, {config.student_epochs} student epochs"
-        + (f" (fewer where that many reach {config.student_image_budget:,} training images)" if config.student_image_budget else "")
+        + (f" or the fewest that reach {config.student_image_budget:,} training images" if config.student_image_budget else "")
         + f", seeds {config.seeds}; mean ± standard deviation over seeds; the gain over the seeds both arms finished.",
         "",
         "| images per class | metric | student | HDKD | gain |",
