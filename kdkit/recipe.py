@@ -648,9 +648,27 @@ def _check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
     atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
+def _check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
+    """Fails before anything trains if a baseline cannot take ``image_size`` images (a ViT built for 224 px).
+
+    The check runs a forward pass on the ``meta`` device: shapes only, no memory or compute.
+    """
+    for name in baselines:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=2)
+        try:
+            model(torch.empty(1, 3, image_size, image_size, device="meta"))
+        except Exception as error:  # whatever the model raises on the wrong size
+            raise ValueError(
+                f"baseline {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
+                "choose a model without a fixed input size, or another --image-size"
+            ) from error
+
+
 def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, state: PartialState) -> dict[str, object]:
     """The body of :func:`run_experiment`, once this worker has joined the folder."""
     started = time.perf_counter()
+    _check_baselines_take(config.baselines, config.image_size)
     splits = _load_splits(config)
     pool_full = splits["train"]
     classes = pool_full.classes

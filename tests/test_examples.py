@@ -211,6 +211,9 @@ def test_a_resume_must_keep_the_experiments_settings(tmp_path):
     with pytest.raises(FileNotFoundError):
         run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, resume=False))
     assert json.loads((tmp_path / EXPERIMENT_FILE).read_text())["alpha"] == 0.7
+    # a baseline that cannot take the image size stops the experiment before anything trains
+    with pytest.raises(ValueError, match=r"baseline 'deit_tiny_patch16_224' cannot take 32 x 32 images \(AssertionError"):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, baselines=["deit_tiny_patch16_224", "resnet10t"]))
     # the experiment's lock went with the call: a worker without resume may take the folder
     with _other_worker(tmp_path / ".claims", "fresh"):
         pass
