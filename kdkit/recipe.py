@@ -879,6 +879,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="each student run trains the fewest epochs whose images reach N (at most --student-epochs); 'none': no budget",
     )
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="train in channels-last memory format"
+    )
     parser.add_argument("--teacher-checkpoint", help="reuse a trained teacher (best_model.safetensors)")
     parser.add_argument(
         "--baselines",
@@ -911,7 +914,7 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     """Merges the preset with the flags given on the command line."""
     preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
     values: dict[str, object] = dict(PRESETS[preset])
-    for name in ("image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision"):
+    for name in ("image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision", "channels_last"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for budget in ("teacher_image_budget", "student_image_budget"):

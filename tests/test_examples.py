@@ -71,7 +71,7 @@ def test_hdkd_brain_end_to_end_and_resume(tmp_path):
 
 
 def test_flags_reach_the_config():
-    from kdkit.recipe import build_parser, config_from_args
+    from kdkit.recipe import PRESETS, build_parser, config_from_args
 
     args = build_parser("brain_tumor_mri").parse_args(["--preset", "paper", "--sizes", "50,all", "--seeds", "1,2"])
     config = config_from_args("brain_tumor_mri", args)
@@ -83,7 +83,9 @@ def test_flags_reach_the_config():
     config = config_from_args("brain_tumor_mri", with_baselines)
     assert (config.baselines, config.baseline_seeds) == (["resnet10t", "mobilenetv2_100"], [0])
     ham = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "cpu"]))
-    assert ham.smote and ham.image_size == 64
+    assert ham.smote and ham.image_size == 64 and ham.channels_last == PRESETS["cpu"]["channels_last"]
+    for flag, value in (("--channels-last", True), ("--no-channels-last", False)):
+        assert config_from_args("ham10000", build_parser("ham10000").parse_args([flag])).channels_last is value
 
 
 def test_image_budgets_shorten_only_large_sets():
