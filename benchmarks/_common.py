@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -128,6 +129,14 @@ def count_macs(model: nn.Module, image_size: int) -> tuple[int, dict[str, int]]:
         model(torch.empty(1, 3, image_size, image_size, device=device))
     by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops() // 2, by_op
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles of timings (inclusive method: never outside the measured range)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:

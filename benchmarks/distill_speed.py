@@ -58,7 +58,7 @@ from kdkit import Distiller, LossTerm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
+from _common import RESULTS_DIR, markdown_table, quartiles, run_metadata, write_results  # noqa: E402
 
 NUM_CLASSES = 4
 TAPS = ["stages.0", "stages.1", "stages.2"]
@@ -447,7 +447,7 @@ def measure_speed(names: list[str], batch_size: int, image_size: int, warmup: in
 def summarise(name: str, timing: dict, memory: dict, batch_size: int) -> dict[str, object]:
     """Combines one variant's timings and memory into the reported figures."""
     step_s = timing["step_s"]
-    quartiles = statistics.quantiles(step_s, n=4, method="inclusive") if len(step_s) > 1 else [step_s[0]] * 3
+    q1, q3 = quartiles(step_s)
     variant = VARIANTS[name]
     return {
         "variant": name,
@@ -457,8 +457,8 @@ def summarise(name: str, timing: dict, memory: dict, batch_size: int) -> dict[st
         "compiled_student": variant.compile,
         "median_step_s": statistics.median(step_s),
         "images_per_s": batch_size / statistics.median(step_s),
-        "step_s_q1_q3": [quartiles[0], quartiles[2]],
-        "images_per_s_q1_q3": [batch_size / quartiles[2], batch_size / quartiles[0]],
+        "step_s_q1_q3": [q1, q3],
+        "images_per_s_q1_q3": [batch_size / q3, batch_size / q1],
         **timing,
         **memory,
     }

@@ -31,7 +31,7 @@ import kdkit_zoo  # noqa: F401  (registers the HDKD models with timm)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, count_macs, markdown_table, run_metadata, write_results  # noqa: E402
+from _common import RESULTS_DIR, count_macs, markdown_table, quartiles, run_metadata, write_results  # noqa: E402
 
 MODELS = ["hdkd_student", "hdkd_teacher", "mobilenetv2_100", "efficientnet_b0", "mobilevit_s"]
 ONNX_NAME = "hdkd_student (onnxruntime)"
@@ -133,7 +133,7 @@ def measure(
 
 def summarise(timing: dict[str, list[float]], batch_size: int) -> dict[str, float]:
     """Median batch-1 latency (ms, with quartiles) and median throughput (images/s)."""
-    q1, _, q3 = statistics.quantiles(timing["latency_s"], n=4, method="inclusive") if len(timing["latency_s"]) > 1 else [timing["latency_s"][0]] * 3
+    q1, q3 = quartiles(timing["latency_s"])
     return {
         "latency_ms": 1e3 * statistics.median(timing["latency_s"]),
         "latency_ms_q1_q3": [1e3 * q1, 1e3 * q3],

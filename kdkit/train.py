@@ -1117,6 +1117,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         state = _read_state(path)
         self._check_compatible(state, path)
+        self._check_best_model_of_this_run(path, state)  # before loading: a refused resume changes nothing
         self.accelerator.load_state(os.fspath(path))
         if self.scheduler is not None:
             scheduler_file = path / _SCHEDULER_FILE
@@ -1130,7 +1131,6 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.final_val_metrics = state.get("final_val_metrics")
         self.run_id = state.get("run_id") or self.run_id  # checkpoints before run ids have none
-        self._check_best_model_of_this_run(path, state)
         logger.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
 
     def _check_best_model_of_this_run(self, path: Path, state: Mapping[str, Any]) -> None:

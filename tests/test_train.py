@@ -297,8 +297,11 @@ def test_interrupted_fresh_start_over_a_finished_run_is_not_collected(tmp_path: 
     with pytest.raises(KeyboardInterrupt, match="simulated"):
         make_trainer(tmp_path, loss=ScriptedCE(crash_at=10), epochs=2, checkpoint_every=2).fit(train, val)
     assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
+    refused = make_trainer(tmp_path, epochs=2)
+    before = state_of(refused)
     with pytest.raises(ResumeError, match="best_model.safetensors comes from another run than the checkpoint"):
-        make_trainer(tmp_path, epochs=2).fit(train, val, resume=True)
+        refused.fit(train, val, resume=True)
+    assert_same_state(state_of(refused), before)  # refused before the checkpoint's state was loaded
     # the same run's best model and checkpoint resume as before
     make_trainer(tmp_path, epochs=2).fit(train, val)
     assert make_trainer(tmp_path, epochs=2).fit(train, val, resume=True).best_epoch is not None
