@@ -88,12 +88,11 @@ def main() -> None:
     print(distiller.extra_repr())
     trainer = kdkit.Trainer(distiller, config("student", args.epochs), class_names=classes)
     result = trainer.fit(loader, val_loader, resume=args.resume)
-    kdkit.load_model(student, result.best_model_path, expected_classes=classes)
 
     report = {"classes": classes, "best_val": {"epoch": result.best_epoch, result.select_metric: result.best_metric}}
     if "test" in splits:
         test = splits["test"].with_transform(kdata.eval_transforms(args.image_size))
-        metrics = trainer.evaluate(kdata.make_loader(test, args.batch_size, train=False))
+        metrics = trainer.test(kdata.make_loader(test, args.batch_size, train=False))
         report["test"] = {key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
     if trainer.accelerator.is_main_process:
         (output / "results.json").write_text(json.dumps(report, indent=2))

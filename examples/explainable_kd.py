@@ -53,7 +53,7 @@ from accelerate import PartialState
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdkit import Distiller, LossTerm, Supervised, TrainConfig, Trainer, load_model
+from kdkit import Distiller, LossTerm, Supervised, TrainConfig, Trainer
 from kdkit import data as kdata
 from kdkit.checkpoint import atomic_write_text
 from kdkit.explain import ACTIVATION_METHOD, agreement_by_class, compare_maps, feature_stage
@@ -157,9 +157,8 @@ def train_and_test(
     )
     started = time.perf_counter()
     trainer = Trainer(task, config, class_names=train_set.classes)
-    result = trainer.fit(loader(train_set, args, train=True), loader(splits["val"], args, train=False), resume=args.resume)
-    load_model(task.student, result.best_model_path, expected_classes=train_set.classes)
-    metrics = trainer.evaluate(loader(splits["test"], args, train=False))
+    trainer.fit(loader(train_set, args, train=True), loader(splits["val"], args, train=False), resume=args.resume)
+    metrics = trainer.test(loader(splits["test"], args, train=False))
     logger.info("%s: test accuracy %.4f, balanced accuracy %.4f (%.0f s)", name, metrics["accuracy"],
                 metrics["balanced_accuracy"], time.perf_counter() - started)
     task.student.eval()

@@ -14,6 +14,7 @@ import copy
 import csv
 import hashlib
 import logging
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,12 +39,14 @@ __all__ = [
     "CorruptImageError",
     "ImageTensorDataset",
     "balanced_subset_indices",
+    "batches_per_process",
     "dataset_dir",
     "eval_transforms",
     "load_brain_tumor_mri",
     "load_ham10000",
     "load_imagefolder",
     "make_loader",
+    "per_process_batch_size",
     "resolve_data_root",
     "smote_balance",
     "stratified_split_indices",
@@ -173,8 +176,13 @@ def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 class ImageTensorDataset(Dataset):
     """Images pre-decoded into one uint8 tensor, with labels and an optional per-item transform.
 
-    Subsets made by :meth:`subset` and copies made by :meth:`with_transform` share the
-    underlying image storage, so carving train/validation splits costs no image memory.
+    Subsets made by :meth:`subset` and copies made by :meth:`with_transform` and
+    :meth:`as_uint8` share the underlying image storage, so carving train/validation splits
+    costs no image memory.
+
+    Items are float32 in [0, 1] (or whatever the transform returns), except in a view made by
+    :meth:`as_uint8`, whose items are the stored uint8 images, for augmentation of whole
+    batches on the device (:mod:`kdkit.augment`).
 
     Attributes:
         labels: int64 tensor of shape ``(N,)``.
@@ -226,6 +234,8 @@ class ImageTensorDataset(Dataset):
         self.transform = transform
         self.paths = None if paths is None else list(paths)
         self.skipped = list(skipped)
+        # Set by as_uint8: items keep the stored dtype instead of becoming float32.
+        self._keep_uint8 = False
 
     @property
     def images(self) -> Tensor:
@@ -240,9 +250,14 @@ class ImageTensorDataset(Dataset):
         image = self._storage[row]
         if self.transform is not None:
             image = self.transform(image)
-        if not image.is_floating_point():
+        if not image.is_floating_point() and not self._keep_uint8:
             image = v2.functional.to_dtype(image, torch.float32, scale=True)
         return image, int(self.labels[index])
+
+    @property
+    def yields_uint8(self) -> bool:
+        """True for a view made by :meth:`as_uint8`: items are not converted to float."""
+        return self._keep_uint8
 
     def subset(self, indices: Sequence[int] | np.ndarray | Tensor) -> ImageTensorDataset:
         """Return the items at ``indices`` (positions in this dataset), sharing image storage."""
@@ -255,9 +270,30 @@ class ImageTensorDataset(Dataset):
         return subset
 
     def with_transform(self, transform: Callable[[Tensor], Tensor] | None) -> ImageTensorDataset:
-        """Return a view of this dataset with another transform, sharing image storage."""
+        """Return a view of this dataset with another transform, sharing image storage.
+
+        The view yields float32 items again (a transform's float output is returned as is, a
+        uint8 one converted to float in [0, 1]), also when this dataset is an :meth:`as_uint8`
+        view.
+        """
         view = copy.copy(self)
         view.transform = transform
+        view._keep_uint8 = False
+        return view
+
+    def as_uint8(self) -> ImageTensorDataset:
+        """Return a view without a transform whose items are the stored uint8 ``3 x H x W`` images.
+
+        The view shares the image storage, and each item is a view of that storage (the
+        DataLoader's collation copies it into the batch), so do not modify items in place.
+        Batches of it are uint8, a quarter of the bytes of float32 to copy to an accelerator,
+        where :func:`kdkit.augment.batch_train_transforms` or
+        :func:`kdkit.augment.batch_eval_transforms` augment, convert and normalise them.
+        :meth:`subset` keeps the uint8 items; :meth:`with_transform` returns to float ones.
+        """
+        view = copy.copy(self)
+        view.transform = None
+        view._keep_uint8 = True
         return view
 
     def class_counts(self) -> dict[str, int]:
@@ -695,19 +731,108 @@ def load_ham10000(
 # --------------------------------------------------------------------------- subsets
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0) -> DataLoader:
-    """A DataLoader for training (shuffled, last partial batch dropped) or evaluation (in order, every image).
+def _default_num_processes() -> int:
+    # Set by ``accelerate launch`` and torchrun in every data-parallel process.
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
-    The partial batch is kept when the data set is smaller than one batch, so that a tiny
-    training set still yields a step.
+
+def per_process_batch_size(batch_size: int, num_processes: int) -> int:
+    """The batch each of ``num_processes`` data-parallel processes loads for a global ``batch_size``.
+
+    Args:
+        batch_size: Global batch: the images of one optimiser step over all processes.
+        num_processes: Data-parallel processes.
+
+    Returns:
+        ``batch_size // num_processes``.
+
+    Raises:
+        ValueError: A non-positive argument, or a batch that does not split evenly.
     """
+    if batch_size < 1 or num_processes < 1:
+        raise ValueError(f"batch_size and num_processes must be positive, got {batch_size} and {num_processes}")
+    if batch_size % num_processes:
+        raise ValueError(
+            f"global batch size {batch_size} does not divide evenly across {num_processes} processes; "
+            f"pick a multiple of {num_processes}"
+        )
+    return batch_size // num_processes
+
+
+def _drops_last(num_items: int, batch_size: int, *, train: bool) -> bool:
+    # A set no larger than one global batch keeps its partial batch, so that it still trains.
+    return train and num_items > batch_size
+
+
+def batches_per_process(num_items: int, batch_size: int, *, train: bool, num_processes: int) -> int:
+    """Batches each process iterates per epoch from :func:`make_loader` once Accelerate shards it.
+
+    Accelerate's ``prepare_data_loader`` (with its defaults, ``even_batches=True``) deals the
+    per-process batches of the loader out to the processes in turn: when the last partial batch
+    is dropped (training on a set larger than one global batch), each process gets
+    ``floor(batches / num_processes)``, that is ``floor(num_items / batch_size)``; otherwise
+    ``ceil(batches / num_processes)``, the processes that run short repeating batches from the
+    start of the epoch.
+
+    Args:
+        num_items: Items in the data set.
+        batch_size: Global batch size, as given to :func:`make_loader`.
+        train: As given to :func:`make_loader`.
+        num_processes: Data-parallel processes.
+
+    Returns:
+        The length of each process's sharded loader.
+
+    Raises:
+        ValueError: As :func:`per_process_batch_size`.
+    """
+    local = per_process_batch_size(batch_size, num_processes)
+    if _drops_last(num_items, batch_size, train=train):
+        return num_items // local // num_processes
+    return math.ceil(math.ceil(num_items / local) / num_processes)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int = 0,
+    num_processes: int | None = None,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader of one data-parallel process's share of the global batch.
+
+    Training: shuffled, the last partial global batch dropped, except when the data set is no
+    larger than one global batch, so that a tiny training set still yields a step. Evaluation:
+    in order, every image. Wrap the loader with ``accelerator.prepare`` to shard it across the
+    processes; :func:`batches_per_process` says how many batches each then gets.
+
+    Args:
+        dataset: The data set, e.g. an :class:`ImageTensorDataset` (its :meth:`~ImageTensorDataset.as_uint8`
+            view for augmentation on the device).
+        batch_size: Global batch size (the paper's): the images of one optimiser step summed
+            over all processes. Each process's loader gets ``batch_size // num_processes``.
+        train: Shuffle and drop the last partial batch.
+        workers: Worker processes; with any, they persist across epochs.
+        num_processes: Data-parallel processes; by default ``$WORLD_SIZE`` (set by
+            ``accelerate launch`` and torchrun), else 1.
+        pin_memory: Page-locked batches, for asynchronous (``non_blocking``) copies to a GPU;
+            by default whenever CUDA is available.
+
+    Raises:
+        ValueError: ``batch_size`` does not divide by ``num_processes``.
+    """
+    num_processes = _default_num_processes() if num_processes is None else num_processes
+    local = per_process_batch_size(batch_size, num_processes)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=local,
         shuffle=train,
-        drop_last=train and len(dataset) > batch_size,
+        drop_last=_drops_last(len(dataset), batch_size, train=train),
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 
 

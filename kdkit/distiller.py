@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
@@ -21,6 +22,8 @@ __all__ = ["Distiller", "LossTerm"]
 
 Head = Literal["cls", "dist", "mean"]
 _INPUT_KINDS = ("labels", "logits", "features")
+# Device types with an autocast implementation (the meta device of shape probes has none).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 class LossTerm:
@@ -182,7 +185,15 @@ class Distiller(nn.Module):
         self.teacher_dtype = teacher_dtype
         self.teacher_weights = _normalised_weights(teacher_weights, len(teachers))
         self._check_num_classes()
-        self._norms = [self._renormalisation(renormalize, model) for model in teachers]
+        # Buffers (not persisted): they follow the Distiller's device, whatever device the
+        # teachers were on when the Distiller was built.
+        self._renormalised: list[bool] = []
+        for index, model in enumerate(teachers):
+            norm = self._renormalisation(renormalize, model)
+            self._renormalised.append(norm is not None)
+            if norm is not None:
+                self.register_buffer(f"_renorm_scale_{index}", norm[0], persistent=False)
+                self.register_buffer(f"_renorm_shift_{index}", norm[1], persistent=False)
 
         if hasattr(unwrap_model(student), "set_distilled_training"):
             # timm's distilled models (DeiT, HDKD) return both heads in training only when asked.
@@ -215,7 +226,7 @@ class Distiller(nn.Module):
                 FeatureTaps(model, [t for t, _ in pairs], "teacher") for model, pairs in zip(teachers, self.tap_pairs)
             ]
             if any(getattr(term.module, "requires_alignment", False) for term in feature_terms):
-                self._build_adapters(_triple(input_size) if input_size is not None else None, align, adapter)
+                self._build_adapters(_triple(input_size) if input_size is not None else None, align, adapter, feature_terms)
             else:
                 self._teacher_transforms = [[None] * len(pairs) for pairs in self.tap_pairs]
 
@@ -260,9 +271,8 @@ class Distiller(nn.Module):
         return s_std / t_std, (s_mean - t_mean) / t_std
 
     def _teacher_input(self, index: int, images: Tensor) -> Tensor:
-        norm = self._norms[index]
-        if norm is not None:
-            scale, shift = norm
+        if self._renormalised[index]:
+            scale, shift = getattr(self, f"_renorm_scale_{index}"), getattr(self, f"_renorm_shift_{index}")
             images = images * scale.to(images) + shift.to(images)
         if self.teacher_input_size is not None and tuple(images.shape[-2:]) != self.teacher_input_size:
             images = F.interpolate(images, size=self.teacher_input_size, mode="bilinear", align_corners=False)
@@ -277,30 +287,59 @@ class Distiller(nn.Module):
             model.eval()
         inputs = self._teacher_input(index, images)
         if not self._teacher_taps:
-            return mean_of_heads(model(inputs)).float(), []
+            with self._teacher_precision(inputs.device):
+                return mean_of_heads(model(inputs)).float(), []
         taps = self._teacher_taps[index]
-        with taps.capture():
+        with taps.capture(), self._teacher_precision(inputs.device):
             logits = mean_of_heads(model(inputs)).float()
         features = [feature.float() for feature in taps.collect()]
         transforms = self._teacher_transforms[index]
         return logits, [t(f) if t is not None else f for t, f in zip(transforms, features)]
 
+    def _teacher_precision(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
+        """An autocast context of ``teacher_dtype``, whatever precision the student trains in.
+
+        A bfloat16 teacher inside a float16 student step (or a float32 one inside a bfloat16
+        step) would otherwise run under the student's autocast.
+        """
+        if self.teacher_dtype is None or device.type not in _AUTOCAST_DEVICES:
+            return contextlib.nullcontext()
+        if self.teacher_dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(device.type, dtype=self.teacher_dtype)
+        return torch.autocast(device.type, enabled=False)
+
     # ----------------------------------------------------------------- adapters
-    def _build_adapters(self, input_size: tuple[int, int, int] | None, align: str, adapter: object) -> None:
+    def _build_adapters(
+        self, input_size: tuple[int, int, int] | None, align: str, adapter: object, feature_terms: Sequence[LossTerm]
+    ) -> None:
+        """Measures every tapped feature's shape and builds the adapters the aligned terms use.
+
+        Each model is probed on its own device (a teacher already on a GPU, a student still on
+        the CPU, or either on the ``meta`` device), so no common device is needed. A pair that
+        no aligned term reads gets no adapter: its parameters would never receive a gradient,
+        which DDP refuses.
+        """
         if input_size is None:
             cfg = getattr(unwrap_model(self.student), "pretrained_cfg", None) or {}
             input_size = tuple(cfg.get("input_size", (3, 224, 224)))  # type: ignore[assignment]
+        num_pairs = len(self.tap_pairs[0])
+        aligned_pairs: set[int] = set()
+        for term in feature_terms:
+            if getattr(term.module, "requires_alignment", False):
+                aligned_pairs.update(range(num_pairs) if term.pairs is None else term.pairs)
+        student_device = _device_of(self.student)
         student_was_training = self.student.training
         self.student.eval()
         try:
-            device = next((p.device for p in self.student.parameters()), torch.device("cpu"))
-            probe = torch.zeros(2, *input_size, device=device)
             with torch.no_grad():
                 assert self._student_taps is not None
                 with self._student_taps.capture():
-                    self.student(probe)
+                    self.student(torch.zeros(2, *input_size, device=student_device))
                 student_feats = self._student_taps.collect()
-                teacher_feats = [self._probe_teacher(i, probe) for i in range(len(self._teachers))]
+                teacher_feats = [
+                    self._probe_teacher(i, torch.zeros(2, *input_size, device=_device_of(model)))
+                    for i, model in enumerate(self._teachers)
+                ]
         finally:
             self.student.train(student_was_training)
         student_prefix = getattr(unwrap_model(self.student), "num_prefix_tokens", None)
@@ -322,14 +361,15 @@ class Distiller(nn.Module):
                     teacher_prefix_tokens=teacher_prefix,
                     projection=adapter,  # type: ignore[arg-type]
                 )
-                if alignment.student is not None:
-                    self.adapters[_adapter_key(t_index, p_index)] = alignment.student.to(device)
+                if alignment.student is not None and p_index in aligned_pairs:
+                    self.adapters[_adapter_key(t_index, p_index)] = alignment.student.to(student_device)
                 transforms.append(alignment.teacher)
             self._teacher_transforms.append(transforms)
 
+    @torch.no_grad()
     def _probe_teacher(self, index: int, probe: Tensor) -> list[Tensor]:
         taps = self._teacher_taps[index]
-        with taps.capture():
+        with taps.capture(), self._teacher_precision(probe.device):
             self._teachers[index](self._teacher_input(index, probe))
         return taps.collect()
 
@@ -342,7 +382,9 @@ class Distiller(nn.Module):
             labels: Class indices; label terms are skipped when ``None``.
 
         Returns:
-            The step's `StepOutput`; ``terms`` holds each weighted term as a float.
+            The step's `StepOutput`; ``terms`` holds each weighted term as a detached 0-dim
+            tensor on the batch's device (``float(v)`` reads one; the Trainer reads them once
+            per logging interval, so a step waits on no host sync).
         """
         teacher_outputs = [self._run_teacher(i, images) for i in range(len(self._teachers))]
         if self._student_taps is not None:
@@ -362,7 +404,7 @@ class Distiller(nn.Module):
                 )
 
         total: Tensor | None = None
-        terms: dict[str, float] = {}
+        terms: dict[str, Tensor] = {}
         for term in self.terms:
             if term.kind == "labels":
                 if labels is None:
@@ -379,9 +421,11 @@ class Distiller(nn.Module):
                     for t_index, (w, (_, t_feats)) in enumerate(zip(self.teacher_weights, teacher_outputs))
                 )
             weighted = term.weight * value
-            terms[term.name] = weighted.detach().item()
+            terms[term.name] = weighted.detach()  # a tensor: no host sync in the step
             total = weighted if total is None else total + weighted
-        return StepOutput(loss=total, logits=logits, terms=terms)
+        # Detached: the loss is the only output with a graph, so DDP's search for unused parameters
+        # (which starts from every output) never counts a head that the logits read and no term does.
+        return StepOutput(loss=total, logits=logits.detach(), terms=terms)
 
     def _pick_head(self, output: Tensor | Sequence[Tensor], head: Head) -> Tensor:
         if isinstance(output, Tensor) or head == "mean":
@@ -422,6 +466,33 @@ class Distiller(nn.Module):
                 model.to(dtype=self.teacher_dtype)
         return self
 
+    def no_weight_decay(self) -> set[str]:
+        """The student's timm ``no_weight_decay()`` names (position embeddings, tokens), as names in this module.
+
+        The Trainer's optimizer also exempts every bias and normalisation weight, adapters' included.
+        """
+        names = getattr(unwrap_model(self.student), "no_weight_decay", None)
+        return {f"student.{name}" for name in names()} if callable(names) else set()
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Whether some trainable parameters of the student get no gradient from this objective.
+
+        True when no term reads the student's logits (feature terms only), or when a student
+        with a CLS and a distillation head has one that no term reads (e.g. no logit term).
+        Multi-process training then needs DDP's ``find_unused_parameters``, which the
+        :class:`~kdkit.Trainer` sets through Accelerate when this is True.
+        """
+        heads: set[str] = set()
+        for term in self.terms:
+            if term.kind == "labels":
+                heads.add(self.label_head)
+            elif term.kind == "logits":
+                heads.add(self.distill_head)
+        if not heads:
+            return True
+        return _has_distillation_head(self.student) and "mean" not in heads and heads != {"cls", "dist"}
+
     def remove_hooks(self) -> None:
         """Removes every feature-tap hook from the teachers and the student."""
         for taps in [*self._teacher_taps, *([self._student_taps] if self._student_taps else [])]:
@@ -449,6 +520,20 @@ class Distiller(nn.Module):
         if self.tap_pairs:
             lines.append("taps=" + "; ".join(f"{t}->{s}" for t, s in self.tap_pairs[0]))
         return "\n".join(lines)
+
+
+def _has_distillation_head(model: nn.Module) -> bool:
+    """Whether a model declares a distillation head beside its class head (timm's distilled models, HDKD)."""
+    inner = unwrap_model(model)
+    return hasattr(inner, "set_distilled_training") or isinstance(getattr(inner, "head_dist", None), nn.Module)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _adapter_key(teacher_index: int, pair_index: int) -> str:

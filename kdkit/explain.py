@@ -93,6 +93,19 @@ def _check_images(images: Tensor) -> None:
         raise ValueError("images is an empty batch")
 
 
+def _on_model_device(model: nn.Module, images: Tensor) -> Tensor:
+    """``images`` on the device (and in the floating dtype) of the model's parameters.
+
+    Figures are drawn from CPU images while the models trained on a GPU; a model without
+    parameters takes the images as they are.
+    """
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return images
+    dtype = parameter.dtype if parameter.is_floating_point() and images.is_floating_point() else images.dtype
+    return images.to(device=parameter.device, dtype=dtype, non_blocking=True)
+
+
 @contextmanager
 def _model_left_as_found(model: nn.Module) -> Iterator[None]:
     """Restores every module's train/eval flag and every parameter's ``requires_grad`` and ``.grad``.
@@ -278,6 +291,7 @@ def class_activation_maps(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     class_indices = _class_targets(targets, images.shape[0])
+    images = _on_model_device(model, images)
     path = _one_module_path(model, target_layer, "a class-activation map needs one target layer")
     layer = unwrap_model(model).get_submodule(path)
     prefix = num_prefix_tokens if num_prefix_tokens is not None else getattr(unwrap_model(model), "num_prefix_tokens", None)
@@ -324,7 +338,8 @@ def channel_mean_maps(model: nn.Module, images: Tensor, tap: Selector, *, normal
         normalise: Min-max normalise each map to ``[0, 1]``.
 
     Returns:
-        ``(B, H, W)`` float maps.
+        ``(B, H, W)`` float32 maps on the CPU (the images may be on any device: they are run
+        on the model's).
     """
     _check_images(images)
     path = _one_module_path(model, tap, "an activation map needs one tapped module")
@@ -332,11 +347,11 @@ def channel_mean_maps(model: nn.Module, images: Tensor, tap: Selector, *, normal
         model.eval()
         with FeatureTaps(model, [path], "model") as taps:
             with taps.capture():
-                model(images)
+                model(_on_model_device(model, images))
             (feature,) = taps.collect()
     grid = _as_grid(feature.float(), getattr(unwrap_model(model), "num_prefix_tokens", None), path)
     maps = F.interpolate(grid.mean(dim=1, keepdim=True), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return _min_max(maps) if normalise else maps
+    return (_min_max(maps) if normalise else maps).cpu()
 
 
 def compare_maps(

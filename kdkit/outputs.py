@@ -18,13 +18,18 @@ class StepOutput:
     Attributes:
         loss: The weighted total loss, a scalar tensor to call ``backward()`` on; ``None``
             when no labels were given and no term could be computed without them.
-        logits: The student's class logits (the mean of its heads when it has two).
-        terms: Each weighted loss term as a float, for logging (e.g. ``{"ce": 0.71, "kl": 0.2}``).
+        logits: The student's class logits (the mean of its heads when it has two). The
+            Distiller's are detached, so that under DDP the loss is the only output with a
+            graph (DDP looks for unused parameters from every output).
+        terms: Each weighted loss term, for logging, as a detached 0-dim tensor on the loss's
+            device (e.g. ``{"ce": tensor(0.71), "kl": tensor(0.2)}``): the Trainer sums them on the
+            device and reads them back once per logging interval, so a step never waits for the
+            device. Floats are accepted too (from tasks that already read their terms back).
     """
 
     loss: Tensor | None
     logits: Tensor
-    terms: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 def mean_of_heads(output: Tensor | Sequence[Tensor]) -> Tensor:

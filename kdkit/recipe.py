@@ -40,10 +40,13 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import augment as kaugment
 from . import data as kdata
+from . import devices
 from .checkpoint import atomic_write_text, load_model
 from .distiller import Distiller, LossTerm
 from .explain import channel_mean_maps
+from .plan import PlannedTraining, check_plan
 from .plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
 from .train import ResumeError, Supervised, TrainConfig, Trainer, checkpoint_epoch, distributed_without_accelerator
 
@@ -77,7 +80,8 @@ EXPERIMENT_FILE = "experiment.json"
 # Fields free to change between the invocations of one experiment: where files are, how it runs,
 # which runs it adds (sizes, seeds, baselines) and whether it only reports.
 _INVOCATION_FIELDS = frozenset(
-    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers", "num_figure_images"}
+    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers",
+     "num_figure_images", "checkpoint_every"}
 )
 STUDENT, HDKD = "student", "HDKD"
 """Names of the two arms every size and seed trains: the student alone, and distilled."""
@@ -100,8 +104,9 @@ PRESETS: dict[str, dict[str, object]] = {
         student_epochs=30,
         sizes=[50, 100, 150],
         seeds=[0],
-        mixed_precision="bf16",
+        mixed_precision="bf16",  # the launcher's bf16/fp16 still wins (kdkit.devices)
         channels_last=False,
+        checkpoint_every=2,
         teacher_opt="adamw",
         teacher_lr=3e-3,
         teacher_sched="onecycle",
@@ -113,7 +118,8 @@ PRESETS: dict[str, dict[str, object]] = {
         # then trains 4 epochs instead of 30, which two cores finish in minutes, not hours.
         student_image_budget=18_000,
     ),
-    # The paper's setting (224 px, 200 epochs, batch 32), for GPUs.
+    # The paper's setting (224 px, 200 epochs, global batch 32), for GPUs: bf16 where the GPU
+    # has it (the launcher's choice wins), a resumable checkpoint every 10 epochs, not 200.
     "paper": dict(
         image_size=224,
         batch_size=32,
@@ -122,8 +128,9 @@ PRESETS: dict[str, dict[str, object]] = {
         student_epochs=200,
         sizes=[50, 100, 150, None],
         seeds=[0, 1, 2],
-        mixed_precision="no",
+        mixed_precision="auto",
         channels_last=False,
+        checkpoint_every=10,
         teacher_opt="adam",
         teacher_lr=1e-3,
         teacher_sched="none",
@@ -146,7 +153,8 @@ class ExperimentConfig:
         output_dir: Where runs, checkpoints, ``results.json``, ``results.md`` and plots go.
         data_dir: Data root (see :func:`kdkit.data.resolve_data_root`).
         image_size: Training and test resolution.
-        batch_size: Per-process batch size.
+        batch_size: The global batch size, split evenly across the processes of ``accelerate
+            launch`` (as the paper's 32 on one GPU); it must divide by their number.
         teacher_epochs: Epochs of phase 1.
         teacher_image_budget: Training images (epochs x set size, after SMOTE) after which the
             teacher may stop: it trains the fewest epochs that reach the budget, at least one and
@@ -154,8 +162,15 @@ class ExperimentConfig:
         student_epochs: Epochs of each phase-2 run.
         sizes: Training images per class; ``None`` means the whole training pool.
         seeds: Seeds of the per-class subsets and of the student runs.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (through Accelerate).
+        mixed_precision: ``"auto"`` (bf16 on a GPU that has it, else fp16; none on the CPU),
+            ``"no"``, ``"bf16"`` or ``"fp16"``; the launcher's ``--mixed_precision bf16``/``fp16``
+            wins (:func:`kdkit.devices.resolve_mixed_precision`).
         channels_last: Train in channels-last memory format.
+        checkpoint_every: Save each run's resumable checkpoint every this many epochs (and
+            after its last).
+        augment: Where the paper's training augmentation runs: ``"device"`` (batched on the
+            training device, each image its own random draw), ``"loader"`` (per image in the
+            loader) or ``"auto"`` (the device on a GPU, the loader on the CPU).
         teacher_opt: timm optimizer name of phase 1.
         teacher_lr: Peak learning rate of phase 1.
         teacher_sched: timm scheduler name of phase 1, ``"onecycle"`` or ``"none"``.
@@ -186,7 +201,8 @@ class ExperimentConfig:
         finished_only: Report only the runs that have finished and leave the others out,
             training nothing (a report of a benchmark still running or cut short). Needs
             ``resume`` and a finished teacher.
-        workers: DataLoader worker processes.
+        workers: DataLoader worker processes; ``None``: none on the CPU, several on a GPU
+            (:func:`kdkit.devices.default_workers`).
         num_figure_images: Test images shown in the activation-map figure.
     """
 
@@ -202,6 +218,8 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     mixed_precision: str = "bf16"
     channels_last: bool = True
+    checkpoint_every: int = 1
+    augment: str = "auto"
     teacher_opt: str = "adamw"
     teacher_lr: float = 3e-3
     teacher_sched: str = "onecycle"
@@ -224,7 +242,7 @@ class ExperimentConfig:
     teacher_checkpoint: str | None = None
     resume: bool = False
     finished_only: bool = False
-    workers: int = 0
+    workers: int | None = None
     num_figure_images: int = 4
 
     def __post_init__(self) -> None:
@@ -232,6 +250,12 @@ class ExperimentConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.smote is None:
             self.smote = self.dataset == "ham10000"
+        if self.mixed_precision not in devices.MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {devices.MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        if self.augment not in devices.AUGMENT_PLACES:
+            raise ValueError(f"augment must be one of {devices.AUGMENT_PLACES}, got {self.augment!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.sizes or not self.seeds:
@@ -288,13 +312,41 @@ def _load_splits(config: ExperimentConfig) -> dict[str, kdata.ImageTensorDataset
 
 
 def _loader(dataset: kdata.ImageTensorDataset, config: ExperimentConfig, *, train: bool) -> DataLoader:
-    return kdata.make_loader(dataset, config.batch_size, train=train, workers=config.workers)
+    workers = devices.default_workers() if config.workers is None else config.workers
+    return kdata.make_loader(dataset, config.batch_size, train=train, workers=workers)
+
+
+@dataclass
+class _Pipeline:
+    """The datasets' per-image transforms and the Trainer's batched device transforms."""
+
+    train_tf: Callable[[torch.Tensor], torch.Tensor] | None
+    eval_tf: Callable[[torch.Tensor], torch.Tensor] | None
+    device_train_tf: nn.Module | None = None
+    device_eval_tf: nn.Module | None = None
+
+    def trainer_kwargs(self) -> dict[str, object]:
+        return {"train_transform": self.device_train_tf, "eval_transform": self.device_eval_tf}
+
+
+def _pipeline(config: ExperimentConfig) -> _Pipeline:
+    """The paper's augmentation, per image in the loader (CPU) or batched on the device (GPU)."""
+    if devices.augment_on_device(config.augment):
+        # uint8 batches (a quarter of float32's bytes) cross to the device, where every image
+        # gets its own random draw of the same augmentations.
+        return _Pipeline(None, None, kaugment.batch_train_transforms(config.image_size), kaugment.batch_eval_transforms(config.image_size))
+    return _Pipeline(kdata.train_transforms(config.image_size), kdata.eval_transforms(config.image_size))
+
+
+def _with_transform(dataset: kdata.ImageTensorDataset, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> kdata.ImageTensorDataset:
+    return dataset.with_transform(transform) if transform is not None else dataset.as_uint8()
 
 
 def _train_config(config: ExperimentConfig, output_dir: Path, *, teacher: bool, seed: int, num_images: int) -> TrainConfig:
     shared = dict(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=devices.resolve_mixed_precision(config.mixed_precision),
         channels_last=config.channels_last,
+        checkpoint_every=config.checkpoint_every,
         seed=seed,
         output_dir=str(output_dir),
         select_metric="balanced_accuracy" if config.dataset == "ham10000" else "accuracy",
@@ -341,20 +393,16 @@ def _fit_and_test(
     splits: dict[str, kdata.ImageTensorDataset],
     train_set: kdata.ImageTensorDataset,
     config: ExperimentConfig,
+    pipeline: _Pipeline,
 ) -> dict[str, object]:
     """Trains ``task``, reloads its best student and evaluates it on the test set."""
-    classes = train_set.classes
-    trainer = Trainer(task, train_config, class_names=classes)
+    trainer = Trainer(task, train_config, class_names=train_set.classes, **pipeline.trainer_kwargs())
     result = trainer.fit(
         _loader(train_set, config, train=True),
         _loader(splits["val"], config, train=False),
         resume=config.resume,
     )
-    if result.best_model_path is None:
-        raise FileNotFoundError(f"{train_config.output_dir} holds no best_model.safetensors to test; train the run again without resume")
-    load_model(task.student, result.best_model_path, expected_classes=classes)
-    test_metrics = trainer.evaluate(_loader(splits["test"], config, train=False))
-    return {"fit": result, "test": test_metrics}
+    return {"fit": result, "test": trainer.test(_loader(splits["test"], config, train=False))}
 
 
 def _finished(train_config: TrainConfig) -> bool:
@@ -675,12 +723,13 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
     pool_full = splits["train"]
     classes = pool_full.classes
     pool_idx, val_idx = kdata.stratified_split_indices(pool_full.labels.numpy(), config.val_fraction, seed=0)
-    eval_tf = kdata.eval_transforms(config.image_size)
-    train_tf = kdata.train_transforms(config.image_size)
-    pool = pool_full.subset(pool_idx).with_transform(train_tf)
+    pipeline = _pipeline(config)
+    pool = _with_transform(pool_full.subset(pool_idx), pipeline.train_tf)
+    # The figure's images are normalised on the CPU whichever pipeline trains.
+    figure_set = splits["test"].with_transform(kdata.eval_transforms(config.image_size))
     splits = {
-        "val": pool_full.subset(val_idx).with_transform(eval_tf),
-        "test": splits["test"].with_transform(eval_tf),
+        "val": _with_transform(pool_full.subset(val_idx), pipeline.eval_tf),
+        "test": _with_transform(splits["test"], pipeline.eval_tf),
     }
 
     # Phase 1: the teacher, trained (or collected) as soon as no other worker holds it.
@@ -690,7 +739,7 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
         load_model(teacher, config.teacher_checkpoint, expected_classes=classes)
         # Only evaluates: the epochs (and so num_images) do not matter.
         evaluation = _train_config(config, output_dir / "teacher", teacher=True, seed=0, num_images=len(pool))
-        teacher_metrics = Trainer(Supervised(teacher), evaluation, class_names=classes).evaluate(
+        teacher_metrics = Trainer(Supervised(teacher), evaluation, class_names=classes, **pipeline.trainer_kwargs()).evaluate(
             _loader(splits["test"], config, train=False)
         )
         teacher.eval()
@@ -701,7 +750,7 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
             teacher_set = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), config.teacher_per_class, 0))
         if config.smote:
             images, labels = kdata.smote_balance(teacher_set.images, teacher_set.labels, seed=0)
-            teacher_set = kdata.ImageTensorDataset(images, labels, classes, transform=train_tf)
+            teacher_set = _with_transform(kdata.ImageTensorDataset(images, labels, classes), pipeline.train_tf)
         teacher_config = _train_config(config, output_dir / "teacher", teacher=True, seed=0, num_images=len(teacher_set))
         if config.finished_only and not _main_decides(lambda: _finished(teacher_config)):
             raise ValueError(f"finished_only: the teacher in {teacher_config.output_dir} has not finished training")
@@ -714,7 +763,7 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
         if not claims.acquire("teacher"):
             return False
         try:
-            outcome = _fit_and_test(Supervised(teacher), teacher_config, splits, teacher_set, config)
+            outcome = _fit_and_test(Supervised(teacher), teacher_config, splits, teacher_set, config, pipeline)
         finally:
             claims.release("teacher")
         teacher_metrics = outcome["test"]
@@ -732,6 +781,13 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
             baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
             for arm in (STUDENT, HDKD, *baselines):
                 planned.append(_PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
+    # Every run gets a step on every process, or nothing starts (not the twentieth run, hours in).
+    check_plan(
+        ([] if config.teacher_checkpoint else [PlannedTraining("teacher", len(teacher_set))])
+        + [PlannedTraining(run.name, len(run.subset)) for run in planned],
+        batch_size=config.batch_size,
+        num_processes=state.num_processes,
+    )
     records: dict[str, dict[str, object]] = {}
     left_out: set[str] = set()
     figure_models: dict[str, nn.Module] = {}
@@ -755,7 +811,7 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
                 continue
             else:
                 try:
-                    records[run.name] = _train_planned_run(run, train_config, teacher, splits, config, figure_models)
+                    records[run.name] = _train_planned_run(run, train_config, teacher, splits, config, figure_models, pipeline)
                 finally:
                     claims.release(run.name)
             pending.remove(run)
@@ -771,7 +827,14 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
         "teacher": _summary(teacher_metrics),
         "runs": runs,
         "unfinished": [run.name for run in planned if run.name in left_out],
-        "config": {**dataclasses.asdict(config), "classes": classes, "seconds": round(time.perf_counter() - started, 1)},
+        "config": {
+            **dataclasses.asdict(config),
+            "classes": classes,
+            "mixed_precision_used": devices.resolve_mixed_precision(config.mixed_precision),
+            "augment_on_device": devices.augment_on_device(config.augment),
+            "num_processes": state.num_processes,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
     }
     if state.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2))
@@ -781,11 +844,11 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
                 arm_runs, output_dir / "accuracy_vs_size.png", baselines=[run for run in runs if run["model"] in config.baselines]
             )
         plot_confusion_matrix(teacher_metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
-        images = torch.stack([splits["test"][i][0] for i in range(min(config.num_figure_images, len(splits["test"])))])
+        images = torch.stack([figure_set[i][0] for i in range(min(config.num_figure_images, len(figure_set)))])
         # Rows in a fixed order, whichever order this worker trained or collected the runs in.
         models = {"teacher": teacher, **{arm: figure_models[arm] for arm in (STUDENT, HDKD) if arm in figure_models}}
         maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in models.items()}
-        raw = [splits["test"].with_transform(None)[i][0] for i in range(len(images))]
+        raw = [figure_set.with_transform(None)[i][0] for i in range(len(images))]
         plot_activation_grid(raw, maps, output_dir / "activation_maps.png")
     return results
 
@@ -797,6 +860,7 @@ def _train_planned_run(
     splits: dict[str, kdata.ImageTensorDataset],
     config: ExperimentConfig,
     figure_models: dict[str, nn.Module],
+    pipeline: _Pipeline,
 ) -> dict[str, object]:
     """Trains (or collects) one phase-2 run and returns its record for ``results.json``.
 
@@ -813,7 +877,7 @@ def _train_planned_run(
         task = Supervised(model)
     else:
         task = Supervised(model := timm.create_model(run.arm, num_classes=len(classes)))
-    outcome = _fit_and_test(task, train_config, splits, run.subset, config)
+    outcome = _fit_and_test(task, train_config, splits, run.subset, config, pipeline)
     model.eval()
     if run.size == config.sizes[0] and run.seed == config.seeds[0] and run.arm in (STUDENT, HDKD):
         figure_models[run.arm] = model
@@ -880,7 +944,15 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,  # absent unless given: 'none' must override the preset
         help="each student run trains the fewest epochs whose images reach N (at most --student-epochs); 'none': no budget",
     )
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument(
+        "--mixed-precision", choices=list(devices.MIXED_PRECISION_CHOICES),
+        help="auto: bf16 on a GPU that has it; accelerate launch --mixed_precision bf16/fp16 wins over the preset",
+    )
+    parser.add_argument("--checkpoint-every", type=int, help="epochs between the resumable checkpoints of each run")
+    parser.add_argument(
+        "--augment", choices=list(devices.AUGMENT_PLACES),
+        help="where the training augmentation runs: batched on the device, per image in the loader, or auto (device on a GPU)",
+    )
     parser.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="train in channels-last memory format"
     )
@@ -897,7 +969,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     parser.add_argument("--teacher-per-class", type=int, help="train the teacher on at most N images per class")
     parser.add_argument("--kl-reduction", choices=["batchmean", "mean"], default="batchmean")
     parser.add_argument("--smote", action=argparse.BooleanOptionalAction, default=None, help="SMOTE for the teacher")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: none on the CPU, several on a GPU)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -916,7 +988,8 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
     """Merges the preset with the flags given on the command line."""
     preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
     values: dict[str, object] = dict(PRESETS[preset])
-    for name in ("image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision", "channels_last"):
+    for name in ("image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision", "channels_last",
+                 "checkpoint_every", "augment"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for budget in ("teacher_image_budget", "student_image_budget"):

@@ -323,3 +323,48 @@ def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
     assert " ± " in markdown.split("## Test accuracy")[1].split("## Test balanced")[0]
     assert "Training time of the 8 runs above, summed" in markdown
     assert (tmp_path / "results" / "data_efficiency_brain_tumor_mri" / "accuracy_vs_size.png").stat().st_size > 1000
+
+
+def test_input_pipeline_times_both_pipelines_and_both_steps(tmp_path):
+    import input_pipeline
+
+    input_pipeline.main(
+        ["--sizes", "32", "--images", "48", "--batch-size", "8", "--batches", "2", "--steps", "1", "--warmup-steps", "0",
+         "--workers", "0", "1", "--rounds", "2", "--threads", "1", "--output", str(tmp_path)]
+    )  # fmt: skip
+    record = json.loads((tmp_path / "input_pipeline_cpu.json").read_text())
+    rows = record["results"]["pipelines"]
+    assert [(row["pipeline"], row["workers"]) for row in rows] == [
+        (input_pipeline.PER_ITEM, 0), (input_pipeline.PER_ITEM, 1), (input_pipeline.BATCHED, 0)
+    ]
+    assert all(row["images_per_round"] == 16 and len(row["rounds_images_per_s"]) == 2 and row["images_per_s"] > 0
+               for row in rows)  # fmt: skip
+    assert [row["bytes_per_batch"] for row in rows] == [4 * 8 * 3 * 32 * 32] * 2 + [8 * 3 * 32 * 32]  # float32, uint8
+    assert [row["step"] for row in record["results"]["models"]] == list(input_pipeline.STEPS)
+    markdown = (tmp_path / "input_pipeline_cpu.md").read_text()
+    assert "## Does the input keep up?" in markdown and "| 32 | uint8 batch + kornia | 0 | cpu | uint8 | 24,576 |" in markdown
+
+
+def test_gpu_check_dry_run_writes_its_record(tmp_path):
+    import gpu_check
+
+    results = gpu_check.main(["--device", "cpu", "--quick", "--no-experiment", "--images", "64", "--output", str(tmp_path)])
+    record = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert record["results"] == json.loads(json.dumps(results))
+    assert set(results["model_steps"]) == {"teacher (supervised)", "HDKD distillation"}
+    assert all(step["images_per_sec"] > 0 for step in results["model_steps"].values())
+    pipelines = {row["pipeline"]: row for row in results["input_pipeline"]}
+    assert pipelines["uint8 + batched on the device"]["bytes_per_batch"] * 4 == pipelines["float32, per image in the loader"]["bytes_per_batch"]
+    assert 0 <= results["training_with_data"][0]["data_wait_fraction"] < 1
+    assert "## What the input pipeline delivers" in (tmp_path / "gpu_check_cpu.md").read_text()
+
+
+def test_gpu_check_script_fails_loudly_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    env.pop("KDKIT_GPU_CHECK_DEVICE", None)
+    completed = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "CUDA is not available" in completed.stderr
+    assert not list(tmp_path.iterdir())

@@ -237,6 +237,71 @@ def test_make_loader_drops_the_partial_training_batch_unless_it_is_the_only_one(
     assert evaluation == [[0, 1, 0, 1], [0, 1]]  # every image, in order
 
 
+def test_uint8_view_yields_the_stored_images_and_shares_storage():
+    dataset = _tiny_dataset(6).with_transform(lambda image: image.float() * 2)
+    raw = dataset.as_uint8()
+    image, label = raw[3]
+    assert image.dtype == torch.uint8 and torch.equal(image, torch.full((3, 2, 2), 3, dtype=torch.uint8))
+    assert label == 1 and raw.transform is None and raw.yields_uint8 and not dataset.yields_uint8
+    assert raw.subset([5, 3])[0][0].dtype == torch.uint8  # subsets stay uint8
+    assert raw.with_transform(None)[3][0].dtype == torch.float32  # a transform view is float again
+
+    dataset.images[3] = 200  # one storage: the view sees the change
+    assert int(raw[3][0].max()) == 200
+    images, _ = next(iter(data.make_loader(raw, 4, train=False, num_processes=1)))
+    floats, _ = next(iter(data.make_loader(raw.with_transform(None), 4, train=False, num_processes=1)))
+    assert images.dtype == torch.uint8 and floats.dtype == torch.float32
+    assert 4 * images.nbytes == floats.nbytes
+
+
+def test_make_loader_splits_the_global_batch_across_processes(monkeypatch):
+    dataset = _tiny_dataset(20)
+    assert data.make_loader(dataset, 8, train=True, num_processes=4).batch_size == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch and torchrun set it
+    loader = data.make_loader(dataset, 8, train=True)
+    assert loader.batch_size == 4 and loader.drop_last
+    # the partial batch is kept when the set is no larger than one global batch
+    assert not data.make_loader(dataset, 20, train=True).drop_last
+    with pytest.raises(ValueError, match="batch size 30 does not divide evenly across 8 processes"):
+        data.make_loader(dataset, 30, train=True, num_processes=8)
+    with pytest.raises(ValueError, match="must be positive"):
+        data.per_process_batch_size(8, 0)
+    assert data.per_process_batch_size(32, 8) == 4
+
+
+def test_make_loader_pins_memory_when_cuda_is_there_unless_told():
+    dataset = _tiny_dataset(4)
+    assert data.make_loader(dataset, 2, train=False).pin_memory == torch.cuda.is_available()
+    assert data.make_loader(dataset, 2, train=False, pin_memory=False).pin_memory is False
+    workers = data.make_loader(dataset, 2, train=True, workers=1, pin_memory=False)
+    assert workers.num_workers == 1 and workers.persistent_workers
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 8])
+@pytest.mark.parametrize(
+    ("num_items", "batch_size"), [(1, 8), (3, 8), (8, 8), (20, 8), (31, 8), (33, 32), (200, 32), (257, 32)]
+)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batches_per_process_is_what_accelerate_gives_each_process(num_processes, num_items, batch_size, train):
+    from accelerate.data_loader import prepare_data_loader
+
+    dataset = _tiny_dataset(num_items).as_uint8()
+    loader = data.make_loader(dataset, batch_size, train=train, num_processes=num_processes, pin_memory=False)
+    expected = data.batches_per_process(num_items, batch_size, train=train, num_processes=num_processes)
+    images_seen = 0
+    for index in range(num_processes):
+        shard = prepare_data_loader(loader, num_processes=num_processes, process_index=index, put_on_device=False)
+        batches = [len(labels) for _, labels in shard]
+        assert len(batches) == len(shard) == expected >= 1
+        images_seen += sum(batches)
+    if train and num_items > batch_size:  # whole global batches only
+        assert images_seen == num_items // batch_size * batch_size
+    else:  # every image at least once (accelerate repeats some to even out the processes)
+        assert images_seen >= num_items
+    if (num_items, batch_size, num_processes, train) == (200, 32, 8, True):
+        assert expected == 6  # 6 steps of 32 images, the 8 left over dropped
+
+
 def test_dataset_rejects_bad_inputs():
     with pytest.raises(ValueError, match="uint8"):
         ImageTensorDataset(torch.zeros(2, 3, 4, 4), [0, 1], ["a", "b"])

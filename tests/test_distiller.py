@@ -21,6 +21,7 @@ from torch import nn
 import kdkit
 from kdkit import Distiller, LossTerm
 from kdkit.losses import FeatureLoss
+from sync_counter import SyncCounter
 
 NUM_CLASSES = 3
 
@@ -70,7 +71,8 @@ def test_default_objective_is_half_ce_half_kl(batch):
     expected = 0.5 * F.cross_entropy(s_logits, labels) + 0.5 * expected_kl
     torch.testing.assert_close(out.loss, expected)
     assert set(out.terms) == {"ce", "kl"}
-    assert out.terms["ce"] + out.terms["kl"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in out.terms.values())
+    assert float(out.terms["ce"] + out.terms["kl"]) == pytest.approx(out.loss.item(), rel=1e-5)
     torch.testing.assert_close(out.logits, s_logits)
 
 
@@ -211,12 +213,12 @@ def test_distillation_token_routing(batch):
     out = distiller(images, labels)
     cls, dist = student(images)
     t_logits = teacher(images)
-    torch.testing.assert_close(out.terms["ce"], F.cross_entropy(cls, labels).item())
+    torch.testing.assert_close(out.terms["ce"], F.cross_entropy(cls, labels))
     expected_kl = F.kl_div(F.log_softmax(dist, -1), F.softmax(t_logits, -1), reduction="batchmean")
-    assert out.terms["kl"] == pytest.approx(expected_kl.item(), rel=1e-5)
+    assert float(out.terms["kl"]) == pytest.approx(expected_kl.item(), rel=1e-5)
     torch.testing.assert_close(out.logits, (cls + dist) / 2)
     swapped = Distiller(teacher, student, losses=["ce"], label_head="dist")(images, labels)
-    assert swapped.terms["ce"] == pytest.approx(F.cross_entropy(dist, labels).item(), rel=1e-5)
+    assert float(swapped.terms["ce"]) == pytest.approx(F.cross_entropy(dist, labels).item(), rel=1e-5)
 
 
 def test_several_teachers_are_weighted(batch):
@@ -390,3 +392,114 @@ def test_two_processes_reach_the_parameters_of_one_with_the_same_global_batch(tm
     # The comparison is sensitive to the feature term: without it the parameters differ.
     without, _ = load_safetensors(tmp_path / "no_features" / "state.safetensors")
     assert any(not torch.allclose(without[key], state_one[key], atol=1e-4) for key in state_one if key.startswith("student"))
+
+
+# --------------------------------------------------------------------------- devices, syncs, gradients
+def test_sync_counter_counts_what_it_should():
+    with SyncCounter() as counter:
+        value = torch.ones(2).sum()
+        value.item(), bool(value > 0), float(value)
+    assert counter.calls == ["item", "__bool__", "__float__"]
+
+
+@pytest.mark.parametrize("losses, taps", [
+    ({"ce": 0.5, "kl": 0.5}, None),
+    ({"ce": 0.5, "kl": 0.5, "stage_mse": 10.0}, ["stem", "stage"]),
+    ({"ce": 1.0, "fitnet": 1.0, "at": 1.0}, ["stem", "stage"]),
+])
+def test_forward_reads_no_tensor_on_the_host(batch, losses, taps):
+    teacher, student = TinyNet(16), TwoHeadNet(4)
+    distiller = Distiller(teacher, student, losses=losses, taps=taps, input_size=16).train()
+    with SyncCounter() as counter:
+        out = distiller(*batch)
+        out.loss.backward()
+    assert counter.calls == []
+    assert all(isinstance(value, torch.Tensor) for value in out.terms.values())
+
+
+def test_teacher_on_another_device_is_probed_there(batch):
+    # The recipe's case: the teacher was trained (and left) on the accelerator, the student is
+    # built on the CPU. `meta` stands in for the second device.
+    teacher = TinyNet(16).to("meta")
+    student = TinyNet(4)
+    student.stem[0].stride = (1, 1)
+    distiller = Distiller(teacher, student, losses={"ce": 0.5, "fitnet": 1.0}, taps=["stem", "stage"], input_size=16,
+                          renormalize=(([0.5] * 3, [0.5] * 3), ([0.0] * 3, [1.0] * 3)))
+    assert len(distiller.adapters) == 2
+    assert all(p.device.type == "cpu" for p in distiller.parameters())
+    assert teacher.head.weight.device.type == "meta"
+    distiller.to("meta")  # everything follows the Distiller, the renormalisation buffers included
+    assert {b.device.type for b in distiller.buffers()} == {"meta"}
+    assert not any(k.startswith("_renorm") for k in distiller.state_dict())
+
+
+def test_hdkd_teacher_on_meta_with_student_on_cpu():
+    teacher = timm.create_model("hdkd_teacher", num_classes=4).to("meta")
+    student = timm.create_model("hdkd_student", num_classes=4, img_size=32)
+    distiller = Distiller(teacher, student, losses={"ce": 0.5, "kl": 0.5, "stage_mse": 10.0},
+                          taps=["stages.0", "stages.1", "stages.2"], input_size=32)
+    assert len(distiller.tap_pairs[0]) == 3 and len(distiller.adapters) == 0
+
+
+def _parameters_without_gradient(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+
+
+def test_every_trainable_parameter_gets_a_gradient_from_the_hdkd_objective():
+    torch.manual_seed(0)
+    teacher = timm.create_model("hdkd_teacher", num_classes=4)
+    student = timm.create_model("hdkd_student", num_classes=4, img_size=32)
+    distiller = Distiller(teacher, student, losses={"ce": 0.5, "kl": 0.5, "stage_mse": 10.0},
+                          taps=["stages.0", "stages.1", "stages.2"], input_size=32).train()
+    distiller(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])).loss.backward()
+    assert _parameters_without_gradient(distiller) == []
+    assert not distiller.find_unused_parameters
+
+
+def test_no_adapter_for_a_pair_no_aligned_term_reads(batch):
+    teacher, student = TinyNet(16), TinyNet(4)
+    distiller = Distiller(teacher, student, losses=[LossTerm("ce"), LossTerm("fitnet", pairs=[1])], taps=["stem", "stage"], input_size=16)
+    assert list(distiller.adapters) == ["teacher0_pair1"]
+    distiller.train()(*batch).loss.backward()
+    assert [n for n in _parameters_without_gradient(distiller) if not n.startswith("student.unused")] == []
+
+
+@pytest.mark.parametrize("losses, label_head, unused", [
+    ({"ce": 0.5, "kl": 0.5}, "cls", False),
+    ({"ce": 1.0}, "cls", True),          # the distillation head is read by no term
+    ({"ce": 1.0}, "mean", False),
+    ({"stage_mse": 1.0}, "cls", True),   # no term reads any logits
+])
+def test_unused_heads_are_declared_for_ddp(batch, losses, label_head, unused):
+    taps = ["stage"] if "stage_mse" in losses else None
+    distiller = Distiller(TinyNet(), TwoHeadNet(), losses=losses, taps=taps, input_size=16, label_head=label_head).train()
+    assert distiller.find_unused_parameters is unused
+    distiller(*batch).loss.backward()
+    missing = [n for n in _parameters_without_gradient(distiller) if not n.startswith("student.unused")]
+    assert bool(missing) is unused
+
+
+def test_teacher_dtype_is_an_autocast_context_whatever_the_student_runs_in(batch):
+    seen = {}
+
+    class Recorder(TinyNet):
+        def forward(self, x):
+            out = super().forward(x)
+            seen["dtype"] = out.dtype
+            return out
+
+    distiller = Distiller(Recorder(), TinyNet(), teacher_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distiller(*batch)
+    assert seen["dtype"] == torch.float32  # not the student's bfloat16
+    distiller = Distiller(Recorder(), TinyNet(), teacher_dtype=torch.bfloat16)
+    distiller(*batch)
+    assert seen["dtype"] == torch.bfloat16
+
+
+def test_no_weight_decay_names_are_the_students_within_the_distiller():
+    student = timm.create_model("hdkd_student", num_classes=4, img_size=32)
+    distiller = Distiller(timm.create_model("hdkd_teacher", num_classes=4), student)
+    names = dict(distiller.named_parameters())
+    assert distiller.no_weight_decay() and distiller.no_weight_decay() <= set(names)
+    assert Distiller(TinyNet(), TinyNet()).no_weight_decay() == set()

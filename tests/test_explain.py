@@ -288,3 +288,25 @@ def test_map_grid_png_has_the_figure_size(tmp_path):
         assert len(np.unique(np.asarray(image.convert("L")))) > 50  # images and heat maps were drawn
     with pytest.raises(ValueError, match="1 row labels for 2 images"):
         plot_activation_grid(raw, maps, tmp_path / "bad.png", row_labels=["x"])
+
+
+def test_maps_run_on_the_models_device_and_dtype_and_come_back_to_the_cpu():
+    # A model trained in bfloat16 (or on a GPU) and CPU float32 figure images: the images move
+    # to the model, the maps come back as CPU float32.
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3).to(torch.bfloat16)
+    images = torch.randn(2, 3, 32, 32)
+    maps = channel_mean_maps(model, images, "layer3")
+    assert maps.shape == (2, 32, 32) and maps.dtype == torch.float32 and maps.device.type == "cpu"
+    cams = class_activation_maps(model.float(), images.to(torch.float64), target_layer="layer3")
+    assert cams.shape == (2, 32, 32) and torch.isfinite(cams).all()
+
+
+def test_maps_feed_a_model_on_another_device_its_own_device():
+    # `meta` stands in for a GPU: the model must receive images on its device, not the CPU's.
+    model = timm.create_model("resnet10t", num_classes=3).to("meta")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    with pytest.raises((NotImplementedError, RuntimeError)):  # a meta map cannot be read back
+        channel_mean_maps(model, torch.randn(2, 3, 32, 32), "layer3")
+    assert seen == ["meta"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import kdkit
 from kdkit.checkpoint import load_model, read_metadata
 from kdkit.outputs import StepOutput
 from kdkit.train import (
@@ -27,6 +28,7 @@ from kdkit.train import (
     Trainer,
     find_checkpoint,
 )
+from sync_counter import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_tiny.py"
@@ -70,13 +72,18 @@ def tiny_net(seed: int = 0, dropout: float = 0.2) -> nn.Module:
 
 
 class ScriptedCE(nn.Module):
-    """Cross-entropy that returns NaN at call ``nan_at`` or raises at call ``crash_at`` (1-based)."""
+    """Cross-entropy that returns NaN at training call ``nan_at`` or raises at training call ``crash_at`` (1-based).
+
+    The Trainer also computes ``val_loss`` with the task's loss (under ``no_grad``); those calls are not counted.
+    """
 
     def __init__(self, nan_at: int | None = None, crash_at: int | None = None) -> None:
         super().__init__()
         self.nan_at, self.crash_at, self.calls = nan_at, crash_at, 0
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation
+            return nn.functional.cross_entropy(logits, labels)
         self.calls += 1
         if self.calls == self.crash_at:
             raise KeyboardInterrupt("simulated interruption")
@@ -201,7 +208,9 @@ def test_supervised_two_heads_uses_their_mean() -> None:
     mean = (model.a(x) + model.b(x)) / 2
     assert torch.allclose(out.logits, mean)
     assert torch.allclose(out.loss, nn.functional.cross_entropy(mean, y))
-    assert out.terms == {"ce": pytest.approx(out.loss.item())}
+    # terms are detached 0-dim tensors (no host sync in the step)
+    assert set(out.terms) == {"ce"} and out.terms["ce"].dim() == 0 and not out.terms["ce"].requires_grad
+    assert torch.equal(out.terms["ce"], out.loss.detach())
     assert Supervised(model)(x).loss is None
 
 
@@ -399,7 +408,7 @@ def test_crash_inside_checkpoint_save_keeps_previous_checkpoint(tmp_path: Path) 
 
 
 def test_kill_between_the_two_renames_is_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdkit.train as train_module
+    import kdkit.checkpoint_manager as checkpoint_manager
 
     train, val = loaders()
     reference = make_trainer(tmp_path / "ref").fit(train, val)
@@ -411,10 +420,10 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt("killed between the renames (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(train_module.os, "rename", rename)
+    monkeypatch.setattr(checkpoint_manager.os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tmp_path / "run").fit(train, val)
-    monkeypatch.setattr(train_module.os, "rename", real_rename)
+    monkeypatch.setattr(checkpoint_manager.os, "rename", real_rename)
 
     root = tmp_path / "run" / "checkpoints"
     assert not (root / "last").exists() and (root / "last.old").is_dir()
@@ -427,7 +436,7 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path: Path, monkeypatch: 
 def test_kill_while_deleting_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    import kdkit.train as train_module
+    import kdkit.checkpoint_manager as checkpoint_manager
 
     train, _ = loaders(n_train=16)
     real_rmtree = shutil.rmtree
@@ -439,10 +448,10 @@ def test_kill_while_deleting_the_previous_checkpoint(tmp_path: Path, monkeypatch
             raise KeyboardInterrupt("killed while deleting (simulated)")
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module.shutil, "rmtree", dying_rmtree)
+    monkeypatch.setattr(checkpoint_manager.shutil, "rmtree", dying_rmtree)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tmp_path, epochs=2).fit(train)
-    monkeypatch.setattr(train_module.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(checkpoint_manager.shutil, "rmtree", real_rmtree)
 
     root = tmp_path / "checkpoints"
     leftovers = [p for p in root.iterdir() if p.name.startswith(".trash-")]
@@ -466,14 +475,19 @@ def test_checkpoint_every_and_keep_last(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- numerics
-def test_nan_loss_stops_training_naming_term_and_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_nan_loss_stops_training_naming_term_and_step(tmp_path: Path, log_every: int) -> None:
     train, val = loaders(n_train=32)  # 4 batches per epoch
-    trainer = make_trainer(tmp_path, loss=ScriptedCE(nan_at=6))
+    loss = ScriptedCE(nan_at=6)
+    trainer = make_trainer(tmp_path, loss=loss, log_every=log_every)
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(train, val)
     message = str(info.value)
     assert "'ce'=nan" in message and "epoch 2/3" in message and "batch 2/4" in message and "step 6" in message
-    assert info.value.terms == ["ce"] and info.value.step == 6 and info.value.epoch == 2
+    assert info.value.terms == ["ce"] and info.value.step == 6 and info.value.epoch == 2 and info.value.batch == 2
+    # The loss is read back once per logging interval: the error comes at the end of the interval
+    # holding the NaN (batch 2 of epoch 2 with log_every=1, the epoch end with 50), naming that batch.
+    assert loss.calls == (6 if log_every == 1 else 8)
 
     root = tmp_path / "checkpoints"
     assert json.loads((root / "last" / "trainer_state.json").read_text())["epoch"] == 1
@@ -656,33 +670,294 @@ def test_config_validation_names_the_field(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- multi-process
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_ddp(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """tests/scripts/train_tiny.py under torchrun, 2 gloo processes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(SCRIPT), str(out), "--val-size", "13", *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=180)
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_resumes_exactly(tmp_path: Path) -> None:
     """torchrun with 2 gloo processes: gather_for_metrics de-duplicates, resume is exact."""
-
-    def free_port() -> int:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    def launch(out: Path, *args: str) -> subprocess.CompletedProcess:
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        env.pop("ACCELERATE_USE_CPU", None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(SCRIPT), str(out), "--val-size", "13", *args]
-        return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=180)
-
-    done = launch(tmp_path / "ref")
+    done = _launch_ddp(tmp_path / "ref")
     assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
     result = json.loads((tmp_path / "ref" / "result.json").read_text())
     assert result["num_processes"] == 2
     assert all(row["val_num_samples"] == 13 for row in result["history"])
 
-    crashed = launch(tmp_path / "run", "--crash-at", "5")  # epoch 2 of 3 (3 batches per process)
+    crashed = _launch_ddp(tmp_path / "run", "--crash-at", "5")  # epoch 2 of 3 (3 batches per process)
     assert crashed.returncode != 0
-    done = launch(tmp_path / "run", "--resume")
+    done = _launch_ddp(tmp_path / "run", "--resume")
     assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
     _compare_runs(tmp_path / "ref", tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_distiller_whose_terms_leave_a_head_without_gradient(tmp_path: Path) -> None:
+    """Without find_unused_parameters (set from the Distiller), DDP stops at the second step."""
+    done = _launch_ddp(tmp_path, "--distil-ce-only", "--epochs", "2")
+    assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["num_processes"] == 2 and len(result["history"]) == 2
+
+
+@pytest.mark.slow
+def test_ddp_a_nan_on_one_process_stops_both_at_the_same_batch(tmp_path: Path) -> None:
+    """The non-finite flag is gathered at the read-back: both processes raise, naming process 0's batch."""
+    stopped = _launch_ddp(tmp_path, "--nan-at", "5")  # process 0, epoch 2, batch 2 (3 batches per process)
+    assert stopped.returncode != 0
+    reports = [json.loads((tmp_path / f"non_finite_{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert (report["epoch"], report["batch"], report["step"], report["terms"]) == (2, 2, 5, ["ce"]), report
+        assert "'ce'=nan" in report["message"] and "batch 2/3, step 5 on process 0" in report["message"]
+    assert reports[0]["message"] == reports[1]["message"]
+    assert find_checkpoint(tmp_path) is not None and json.loads(
+        (find_checkpoint(tmp_path) / "trainer_state.json").read_text())["epoch"] == 1
+    assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- host syncs
+KDKIT_DIR = str(Path(kdkit.__file__).parent)
+
+
+class TensorTerms(nn.Module):
+    """A plain task (not the Distiller) whose terms are detached 0-dim tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+
+    def forward(self, images, labels):
+        logits = self.student(images)
+        ce = nn.functional.cross_entropy(logits, labels)
+        reg = logits.pow(2).mean() * 0.01
+        return StepOutput(ce + reg, logits, {"ce": ce.detach(), "reg": reg.detach()})
+
+
+def test_training_syncs_with_the_host_once_per_logging_interval(tmp_path: Path) -> None:
+    def count_syncs(batches: int, log_every: int) -> tuple[SyncCounter, SyncCounter, dict]:
+        x = torch.randn(batches * 4, 3, 4, 4)
+        loader = DataLoader(TensorDataset(x, torch.arange(len(x)) % 3), batch_size=4)
+        # SGD: torch's Adam reads its step counters back with .item() (CPU tensors, even on a GPU)
+        trainer = Trainer(TensorTerms(), config(tmp_path / f"{batches}_{log_every}", epochs=1, opt="momentum",
+                                                log_every=log_every))
+        with SyncCounter() as in_fit:
+            row = trainer.fit(loader).history[0]
+        with SyncCounter() as in_evaluate:
+            trainer.evaluate(loader)
+        return in_fit, in_evaluate, row
+
+    four, four_eval, _ = count_syncs(4, log_every=100)
+    eight, eight_eval, row = count_syncs(8, log_every=100)
+    assert len(eight.callers) == len(four.callers)  # a constant per epoch, not one per batch
+    # kdkit's own: the losses read back at the epoch end, and the parameter check before the checkpoint
+    assert eight.made_by(KDKIT_DIR) == 2, eight.callers
+    every_two, _, row_every_two = count_syncs(8, log_every=2)
+    assert every_two.made_by(KDKIT_DIR) - eight.made_by(KDKIT_DIR) == 3  # 4 intervals; the last one is the epoch end's read
+    assert len(eight_eval.callers) == len(four_eval.callers)  # evaluation reads back at its end only
+    # the terms were summed on the device all the same
+    assert {"train_loss", "train_ce", "train_reg"} <= set(row) and row["train_loss"] == pytest.approx(
+        row["train_ce"] + row["train_reg"], rel=1e-6)
+    assert without_times([row]) == without_times([row_every_two])
+
+
+# --------------------------------------------------------------------------- tasks, transforms, test()
+def test_test_evaluates_the_best_model(tmp_path: Path) -> None:
+    from kdkit.checkpoint import CheckpointError
+
+    train, val = loaders()
+    trainer = make_trainer(tmp_path, epochs=2)
+    result = trainer.fit(train, val)
+    with torch.no_grad():
+        for parameter in trainer.student.parameters():
+            parameter.zero_()  # whatever the student holds now, test() evaluates the best model
+    metrics = trainer.test(val)
+    assert metrics["accuracy"] == result.best_metric
+    assert metrics["loss"] == result.history[result.best_epoch - 1]["val_loss"]
+    assert metrics == trainer.evaluate(val)  # the student keeps the best model's weights
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere")):
+        make_trainer(tmp_path / "elsewhere").test(val)
+    other = Trainer(Supervised(tiny_net()), config(tmp_path), class_names=["a", "b", "c"])
+    with pytest.raises(CheckpointError, match="class names differ"):
+        other.test(val)
+
+
+def test_validation_loss_comes_from_the_task(tmp_path: Path) -> None:
+    loader = DataLoader(Blobs(13, seed=2, augment=False), batch_size=4)  # last batch partial
+    images, labels = loader.dataset.images, loader.dataset.labels
+
+    def doubled(logits, labels):
+        return 2 * nn.functional.cross_entropy(logits, labels)
+
+    class NoValidationLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = tiny_net(seed=4)
+
+        def forward(self, images, labels):
+            logits = self.student(images)
+            return StepOutput(logits.sum() * 0, logits)
+
+    fp32 = dict(mixed_precision="no")  # not an earlier test's bf16: Accelerate's state is per process
+    plain = Trainer(Supervised(tiny_net(seed=4)), config(tmp_path / "a", **fp32)).evaluate(loader)
+    model = tiny_net(seed=4).eval()
+    with torch.no_grad():  # the mean over all 13 samples, whatever the batches
+        assert plain["loss"] == pytest.approx(nn.functional.cross_entropy(model(images), labels).item(), rel=1e-5)
+    custom = Trainer(Supervised(tiny_net(seed=4), loss=doubled), config(tmp_path / "b", **fp32)).evaluate(loader)
+    assert custom["loss"] == pytest.approx(2 * plain["loss"], rel=1e-5)  # the custom loss counts in val_loss
+    assert custom["accuracy"] == plain["accuracy"]
+    bare = Trainer(NoValidationLoss(), config(tmp_path / "c", **fp32)).evaluate(loader)  # cross-entropy without one
+    assert bare["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+
+
+def test_device_transforms_prepare_uint8_batches(tmp_path: Path) -> None:
+    images = (torch.rand(16, 3, 8, 8) * 255).to(torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(16) % 3), batch_size=8)
+    seen: dict[str, list] = {"train": [], "eval": []}
+
+    def to_float(stage: str):
+        def transform(batch: torch.Tensor) -> torch.Tensor:
+            seen[stage].append((batch.dtype, batch.device))
+            return batch.float() / 255
+        return transform
+
+    trainer = Trainer(Supervised(tiny_net()), config(tmp_path, epochs=1), class_names=CLASSES,
+                      train_transform=to_float("train"), eval_transform=to_float("eval"))
+    result = trainer.fit(loader, loader)
+    device = trainer.accelerator.device
+    assert seen["train"] == [(torch.uint8, device)] * 2  # on the device, before the task
+    assert seen["eval"] == [(torch.uint8, device)] * 2
+    assert math.isfinite(result.history[0]["train_loss"]) and result.final_val_metrics["num_samples"] == 16
+
+    untransformed = Trainer(Supervised(tiny_net()), config(tmp_path / "raw", epochs=1))
+    with pytest.raises(TypeError, match=r"torch\.uint8.*train_transform"):
+        untransformed.fit(loader)
+    with pytest.raises(TypeError, match=r"torch\.uint8.*eval_transform"):
+        untransformed.evaluate(loader)
+    with pytest.raises(TypeError, match="eval_transform must be callable"):
+        Trainer(Supervised(tiny_net()), config(tmp_path), eval_transform="normalise")
+
+
+def test_weight_decay_exemptions_come_from_the_task_or_the_student(tmp_path: Path) -> None:
+    class WithPosEmbed(nn.Module):  # a timm-style model
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 4, 3))
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head(x.flatten(2).mean(-1) + self.pos_embed.mean((0, 1)))
+
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+    class Bare(nn.Module):  # a task without no_weight_decay()
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = WithPosEmbed()
+
+    class Own(Bare):
+        def no_weight_decay(self):
+            return {"student.head.weight"}
+
+    def undecayed(task: nn.Module) -> set[str]:
+        trainer = Trainer(task, config(tmp_path))
+        ids = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+        return {name for name, p in task.named_parameters() if id(p) in ids}
+
+    expected = {"student.pos_embed", "student.head.bias"}  # the student's list, and 1-d parameters
+    assert undecayed(Bare()) == expected
+    assert undecayed(Supervised(WithPosEmbed())) == expected
+    assert undecayed(Own()) == {"student.head.weight", "student.head.bias"}  # the task's own list wins
+
+
+# --------------------------------------------------------------------------- cadence and precision
+def test_checkpoint_every_3_resumes_from_epoch_3_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from kdkit.train import checkpoint_epoch
+
+    train, val = loaders(n_train=16, n_val=8)  # 2 batches per epoch
+    cadence = dict(epochs=5, checkpoint_every=3)
+    reference_trainer = make_trainer(tmp_path / "ref", **cadence)
+    reference = reference_trainer.fit(train, val)
+
+    # Stopped after epoch 4 (at the first batch of epoch 5): the last checkpoint holds epoch 3.
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "run", loss=ScriptedCE(crash_at=9), **cadence).fit(train, val)
+    run = tmp_path / "run"
+    assert checkpoint_epoch(run) == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4  # epoch 4 ran, unsaved
+
+    resumed_trainer = make_trainer(run, **cadence)
+    resumed = resumed_trainer.fit(train, val, resume=True)
+    assert without_times(resumed.history) == without_times(reference.history)
+    assert resumed.best_epoch == reference.best_epoch and resumed.best_metric == reference.best_metric
+    assert_same_state(state_of(resumed_trainer), state_of(reference_trainer))
+    assert_same_state(load_file(run / "best_model.safetensors"), load_file(tmp_path / "ref" / "best_model.safetensors"))
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert checkpoint_epoch(run) == 5  # the last epoch is always saved
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last"]
+
+
+def test_tf32_and_cudnn_fields_resume_freely_and_touch_cuda_only(tmp_path: Path) -> None:
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,  # noqa: E731
+                     torch.backends.cudnn.benchmark)
+    before = flags()
+    train, _ = loaders(n_train=16)
+    first = make_trainer(tmp_path, epochs=1, allow_tf32=not before[0], cudnn_benchmark=not before[2])
+    if first.accelerator.device.type != "cuda":
+        assert flags() == before
+    first.fit(train)
+    # other values on resume, and a checkpoint from before the fields existed, both resume
+    assert make_trainer(tmp_path, epochs=1).fit(train, resume=True).best_epoch == 1
+    state_file = tmp_path / "checkpoints" / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("allow_tf32", "cudnn_benchmark"):
+        del state["config"][name]
+    state_file.write_text(json.dumps(state))
+    assert make_trainer(tmp_path, epochs=1).fit(train, resume=True).best_epoch == 1
+    with pytest.raises(ValueError, match="cudnn_benchmark"):
+        TrainConfig(cudnn_benchmark="yes")
+
+
+def test_a_term_named_loss_is_not_counted_twice(tmp_path: Path) -> None:
+    train, _ = loaders(n_train=16)
+    named_loss = Trainer(Supervised(tiny_net(), loss=ScriptedCE()), config(tmp_path / "a", epochs=1)).fit(train)
+    named_ce = Trainer(Supervised(tiny_net(), loss=ScriptedCE(), name="ce"), config(tmp_path / "b", epochs=1)).fit(train)
+    assert named_loss.history[0]["train_loss"] == named_ce.history[0]["train_loss"] == named_ce.history[0]["train_ce"]
+
+
+def test_public_names_keep_working() -> None:
+    import kdkit
+    import kdkit.checkpoint_manager
+    import kdkit.tasks
+    import kdkit.train
+    import kdkit.train_config
+    from kdkit.train import (  # noqa: F401
+        FitResult,
+        checkpoint_epoch,
+        distributed_without_accelerator,
+    )
+
+    assert kdkit.Trainer is kdkit.train.Trainer and kdkit.FitResult is FitResult
+    assert kdkit.Supervised is kdkit.train.Supervised is kdkit.tasks.Supervised
+    assert kdkit.TrainConfig is kdkit.train.TrainConfig is kdkit.train_config.TrainConfig
+    assert kdkit.ResumeError is kdkit.train.ResumeError is kdkit.checkpoint_manager.ResumeError
+    assert kdkit.NonFiniteLossError is kdkit.train.NonFiniteLossError
+    assert kdkit.train.find_checkpoint is kdkit.checkpoint_manager.find_checkpoint
+    assert checkpoint_epoch is kdkit.checkpoint_manager.checkpoint_epoch
