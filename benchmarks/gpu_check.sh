@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_check.sh             # there, with .whl/ carried along
 #   KDKIT_GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh --quick   # a dry run on a CPU machine
 #
-# It assumes only torch, torchvision, timm, accelerate, einops and safetensors (and the
-# machine's usual numpy, pillow, matplotlib, scikit-learn, pytest) are installed; kornia and
-# the rest travel as wheels in .whl/. It runs the suite's device tests on the device, then
+# It assumes torch, torchvision, timm, accelerate, einops and safetensors, and what a lent H200
+# machine has beside them (numpy, pillow, matplotlib, scikit-learn, scipy, pytest, tqdm, and
+# pyarrow, pandas, xxhash, fsspec, requests, pyyaml for the datasets package); kornia, datasets
+# and the two of datasets' dependencies that machine lacks travel as wheels in .whl/. It runs the suite's device tests on the device, then
 # benchmarks/gpu_check.py (model steps, input pipeline, time waiting for data, GPU memory, a
 # short --preset paper run through accelerate launch) and writes gpu_check_<device>.json/.md
 # to $OUT (the device tool's folder) or benchmarks/results/. Any error stops it, non-zero.
@@ -35,7 +36,7 @@ print(f"gpu_check: torch {torch.__version__}, device {device}"
 PY
 
 echo "== device tests on $device"
-KDKIT_TEST_DEVICE="$device" timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py
+KDKIT_TEST_DEVICE="$device" timeout 60 "$python" -m pytest -q -p no:cacheprovider tests/test_devices.py
 
 echo "== measurements and a short --preset paper run"
-timeout 200 "$python" benchmarks/gpu_check.py --device "$device" "$@"
+timeout 230 "$python" benchmarks/gpu_check.py --device "$device" "$@"

@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl kornia kornia_rs datasets dill multiprocess
+    -d .whl kornia==0.9.0 kornia_rs==0.2.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19  # the versions tested here
 ls .whl

@@ -831,7 +831,10 @@ def make_loader(
         shuffle=train,
         drop_last=_drops_last(len(dataset), batch_size, train=train),
         num_workers=workers,
-        persistent_workers=workers > 0,
+        # Training workers restart every epoch: a persistent worker keeps its own random state
+        # and its sampler's order across epochs, so a resumed run would differ from an
+        # uninterrupted one. Evaluation draws nothing at random and may keep its workers.
+        persistent_workers=workers > 0 and not train,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
 

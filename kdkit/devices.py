@@ -65,7 +65,8 @@ def resolve_mixed_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     if accelerator_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Emulated bf16 (V100, T4) is slower than fp16, which those GPUs run natively.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "no"
 
 

@@ -225,7 +225,8 @@ class Distiller(nn.Module):
             self._teacher_taps = [
                 FeatureTaps(model, [t for t, _ in pairs], "teacher") for model, pairs in zip(teachers, self.tap_pairs)
             ]
-            if any(getattr(term.module, "requires_alignment", False) for term in feature_terms):
+            # A feature loss aligns unless it says otherwise (kdkit.losses.FeatureLoss.requires_alignment).
+            if any(getattr(term.module, "requires_alignment", True) for term in feature_terms):
                 self._build_adapters(_triple(input_size) if input_size is not None else None, align, adapter, feature_terms)
             else:
                 self._teacher_transforms = [[None] * len(pairs) for pairs in self.tap_pairs]
@@ -325,7 +326,7 @@ class Distiller(nn.Module):
         num_pairs = len(self.tap_pairs[0])
         aligned_pairs: set[int] = set()
         for term in feature_terms:
-            if getattr(term.module, "requires_alignment", False):
+            if getattr(term.module, "requires_alignment", True):
                 aligned_pairs.update(range(num_pairs) if term.pairs is None else term.pairs)
         student_device = _device_of(self.student)
         student_was_training = self.student.training

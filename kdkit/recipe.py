@@ -33,6 +33,7 @@ try:
 except ImportError:  # Windows: no advisory locks, one worker per output folder
     fcntl = None
 
+import numpy as np
 import timm
 import torch
 from accelerate import PartialState
@@ -81,7 +82,7 @@ EXPERIMENT_FILE = "experiment.json"
 # which runs it adds (sizes, seeds, baselines) and whether it only reports.
 _INVOCATION_FIELDS = frozenset(
     {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers",
-     "num_figure_images", "checkpoint_every"}
+     "num_figure_images", "checkpoint_every", "augment"}
 )
 STUDENT, HDKD = "student", "HDKD"
 """Names of the two arms every size and seed trains: the student alone, and distilled."""
@@ -670,7 +671,14 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
 def _settings(config: ExperimentConfig) -> dict[str, object]:
     """The settings that define an experiment's results, as they read back from JSON."""
     defining = {name: value for name, value in dataclasses.asdict(config).items() if name not in _INVOCATION_FIELDS}
+    # Where augmentation runs changes the random draws; `augment="auto"` means another place on
+    # another machine, so the place itself is recorded.
+    defining["augment_on_device"] = devices.augment_on_device(config.augment)
     return json.loads(json.dumps(defining))
+
+
+# What the experiments recorded before a setting existed did: compared as these values.
+_BEFORE_RECORDED = {"augment_on_device": False}
 
 
 def _check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
@@ -686,7 +694,7 @@ def _check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
     path = output_dir / EXPERIMENT_FILE
     settings = _settings(config)
     if config.resume and path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {**_BEFORE_RECORDED, **json.loads(path.read_text(encoding="utf-8"))}
         # Only the recorded fields: a field added to kdkit since keeps its old behaviour by default.
         if changed := sorted(name for name in recorded.keys() & settings.keys() if recorded[name] != settings[name]):
             raise ResumeError(
@@ -715,6 +723,15 @@ def _check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
             ) from error
 
 
+def _teacher_set_size(pool: kdata.ImageTensorDataset, config: ExperimentConfig) -> int:
+    """The teacher's training images per epoch, known before SMOTE makes them (every class at the largest's size)."""
+    labels = pool.labels.numpy()
+    if config.teacher_per_class is not None:
+        labels = labels[kdata.balanced_subset_indices(labels, config.teacher_per_class, 0)]
+    counts = np.bincount(labels)
+    return int(counts.max()) * int((counts > 0).sum()) if config.smote else len(labels)
+
+
 def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, state: PartialState) -> dict[str, object]:
     """The body of :func:`run_experiment`, once this worker has joined the folder."""
     started = time.perf_counter()
@@ -731,6 +748,22 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
         "val": _with_transform(pool_full.subset(val_idx), pipeline.eval_tf),
         "test": _with_transform(splits["test"], pipeline.eval_tf),
     }
+
+    # The plan: phase 2's students, alone and distilled, and any baselines, for each size and seed.
+    planned: list[_PlannedRun] = []
+    for size in config.sizes:
+        for seed in config.seeds:
+            subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
+            baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
+            for arm in (STUDENT, HDKD, *baselines):
+                planned.append(_PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
+    # Every run gets a step on every process, or nothing starts (not the twentieth run, hours in).
+    check_plan(
+        ([] if config.teacher_checkpoint else [PlannedTraining("teacher", _teacher_set_size(pool, config))])
+        + [PlannedTraining(run.name, len(run.subset)) for run in planned],
+        batch_size=config.batch_size,
+        num_processes=state.num_processes,
+    )
 
     # Phase 1: the teacher, trained (or collected) as soon as no other worker holds it.
     teacher = timm.create_model("hdkd_teacher", num_classes=len(classes))
@@ -773,21 +806,6 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
             plot_training_curves(outcome["fit"].history, output_dir / "teacher_curves.png")
         return True
 
-    # Phase 2: the students, alone and distilled, and any baselines, for each size and seed.
-    planned: list[_PlannedRun] = []
-    for size in config.sizes:
-        for seed in config.seeds:
-            subset = pool.subset(kdata.balanced_subset_indices(pool.labels.numpy(), size, seed))
-            baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
-            for arm in (STUDENT, HDKD, *baselines):
-                planned.append(_PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
-    # Every run gets a step on every process, or nothing starts (not the twentieth run, hours in).
-    check_plan(
-        ([] if config.teacher_checkpoint else [PlannedTraining("teacher", len(teacher_set))])
-        + [PlannedTraining(run.name, len(run.subset)) for run in planned],
-        batch_size=config.batch_size,
-        num_processes=state.num_processes,
-    )
     records: dict[str, dict[str, object]] = {}
     left_out: set[str] = set()
     figure_models: dict[str, nn.Module] = {}

@@ -27,7 +27,7 @@ Files written to ``config.output_dir``:
   ``checkpoint_every`` epochs (:class:`~kdkit.checkpoint_manager.CheckpointManager`).
 
 Resume is exact: shuffling and augmentation randomness are reseeded from ``(seed, epoch)`` at
-every epoch start (:mod:`kdkit.seeding`), so a run interrupted after epoch k and resumed ends
+every epoch start (:func:`kdkit.train_setup.seed_epoch`), so a run interrupted after epoch k and resumed ends
 with the same parameters and metrics as an uninterrupted one.
 """
 
@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 from ._json import to_jsonable
 from ._progress import progress_bar
-from .accelerator import configure_accelerator, create_accelerator, distributed_without_accelerator
 from .checkpoint import load_model, save_model, unwrap_model
 from .checkpoint_manager import (
     STATE_VERSION,
@@ -62,11 +61,16 @@ from .checkpoint_manager import (
 from .evaluation import evaluate_classifier
 from .loss_tracker import LossReading, LossTracker, NonFiniteBatch
 from .metrics_log import MetricsLog, scalar_metrics
-from .optimizers import build_optimizer
 from .schedulers import LRSchedule
-from .seeding import seed_epoch
 from .tasks import Supervised
 from .train_config import TrainConfig
+from .train_setup import (
+    build_optimizer,
+    configure_accelerator,
+    create_accelerator,
+    distributed_without_accelerator,
+    seed_epoch,
+)
 from .train_state import TrainState
 
 __all__ = [
@@ -260,7 +264,7 @@ class Trainer:
         if batches == 0:
             raise ValueError("train_loader yields no batch")
         if getattr(train_dl, "persistent_workers", False):
-            warnings.warn("persistent_workers=True: worker-side augmentation randomness is not reseeded per epoch, "
+            warnings.warn("persistent_workers=True: the workers' random state and the shuffling order are not reseeded per epoch, "
                           "so a resumed run may differ from an uninterrupted one", stacklevel=2)
         self._updates_per_epoch = math.ceil(batches / cfg.grad_accum_steps)
         self.schedule = LRSchedule(cfg, self.optimizer, self._updates_per_epoch)
@@ -422,6 +426,9 @@ class Trainer:
         row.update({key: row.pop(key) for key in _TIME_KEYS if key in row})  # timings last
         self.state.end_epoch(row, improved=improved, metric=value, val_metrics=metrics)
 
+        checkpointing = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+        if improved or checkpointing:  # never save non-finite weights, as best model or checkpoint
+            self._check_parameters(epoch)
         if improved:
             self._save_best_model(epoch + 1)
         self.metrics_log.append(row, self.state.history)
@@ -430,8 +437,7 @@ class Trainer:
             summary = ", ".join(f"{k}={v:.4g}" for k, v in scalar_metrics(row).items() if k in (
                 "train_loss", "val_loss", f"val_{cfg.select_metric}", "lr", "images_per_sec"))
             logger.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, summary, " (best)" if improved and val_dl is not None else "")
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-            self._check_parameters(epoch)
+        if checkpointing:
             self.save_checkpoint()
 
     def _check_parameters(self, epoch: int) -> None:
@@ -439,8 +445,8 @@ class Trainer:
         if not bool(finite.item()):  # once per checkpoint, not per step
             kept = self.checkpoints.find()
             raise NonFiniteLossError(
-                f"parameters became non-finite during epoch {epoch + 1}/{self.config.epochs}; the checkpoint is not "
-                f"overwritten. Last good checkpoint: {kept if kept is not None else 'none yet'}.",
+                f"parameters became non-finite during epoch {epoch + 1}/{self.config.epochs}; neither the checkpoint "
+                f"nor the best model is overwritten. Last good checkpoint: {kept if kept is not None else 'none yet'}.",
                 terms=["parameters"], epoch=epoch + 1,
             )
 

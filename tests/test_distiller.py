@@ -503,3 +503,19 @@ def test_no_weight_decay_names_are_the_students_within_the_distiller():
     names = dict(distiller.named_parameters())
     assert distiller.no_weight_decay() and distiller.no_weight_decay() <= set(names)
     assert Distiller(TinyNet(), TinyNet()).no_weight_decay() == set()
+
+
+def test_a_feature_loss_that_does_not_say_is_aligned(batch):
+    # Not a FeatureLoss subclass, no `requires_alignment`: aligned, as FeatureLoss's default.
+    class PlainMSE(nn.Module):
+        inputs = "features"
+
+        def forward(self, student_feats, teacher_feats):
+            return sum(F.mse_loss(s, t) for s, t in zip(student_feats, teacher_feats))
+
+    distiller = Distiller(TinyNet(16), TinyNet(4), losses=[LossTerm("fitnet", pairs=[0]), LossTerm(PlainMSE(), name="plain", pairs=[1])],
+                          taps=["stem", "stage"], input_size=16)
+    assert sorted(distiller.adapters) == ["teacher0_pair0", "teacher0_pair1"]
+    assert torch.isfinite(distiller(*batch).loss)
+    alone = Distiller(TinyNet(16), TinyNet(4), losses=[LossTerm(PlainMSE(), name="plain")], taps=["stage"], input_size=16)
+    assert list(alone.adapters) == ["teacher0_pair0"] and torch.isfinite(alone(*batch).loss)

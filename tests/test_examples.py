@@ -209,6 +209,14 @@ def test_a_resume_must_keep_the_experiments_settings(tmp_path):
     # more seeds, sizes or baselines, and a report of what finished, extend the same experiment
     with pytest.raises(FileNotFoundError):
         run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), seeds=[0, 1], sizes=[4, 8], finished_only=True))
+    # where augmentation runs is recorded as a place, not as "auto" (which moves with the machine);
+    # an experiment recorded before the place was is taken as augmenting in the loader
+    assert recorded["augment_on_device"] is False
+    with pytest.raises(ResumeError, match=r"augment_on_device False there, True now"):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), augment="device"))
+    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "augment_on_device"}))
+    with pytest.raises(ResumeError, match=r"augment_on_device False there, True now"):
+        run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), augment="device"))
     # starting afresh records the new settings
     with pytest.raises(FileNotFoundError):
         run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, resume=False))
@@ -288,3 +296,30 @@ def test_distill_any_on_an_image_folder(tmp_path):
     report = json.loads((output / "results.json").read_text())
     assert report["classes"] == ["cats", "dogs"] and 0.0 <= report["test"]["accuracy"] <= 1.0
     assert (output / "student" / "best_model.safetensors").is_file()
+
+
+def test_the_recipe_checks_its_plan_for_every_process_before_training(tmp_path, monkeypatch):
+    """8 processes and 1 image per class: every run is named, with its size, and nothing trains."""
+    from types import SimpleNamespace
+
+    from kdkit import recipe
+    from kdkit.data import ImageTensorDataset
+    from kdkit.plan import PlanError
+    import torch
+
+    def tiny_splits(config):
+        images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+        data = ImageTensorDataset(images, torch.arange(48) % 4, ["a", "b", "c", "d"])
+        return {"train": data, "test": data.subset(range(8))}
+
+    monkeypatch.setattr(recipe, "_load_splits", tiny_splits)
+    config = _tiny_experiment(tmp_path, sizes=[1, 8], batch_size=8, resume=False)
+    eight = SimpleNamespace(num_processes=8, is_main_process=True, process_index=0)
+    with pytest.raises(PlanError) as error:
+        recipe._run_joined(config, recipe.RunClaims(tmp_path / ".claims"), tmp_path, eight)
+    message = str(error.value)
+    assert "student_1_seed0" in message and "hdkd_1_seed0" in message and "4 training image(s) for 8 process(es)" in message
+    assert "student_8_seed0" not in message and "teacher" not in message
+    assert not (tmp_path / "teacher").exists()
+    with pytest.raises(PlanError, match="global batch size 8 does not divide evenly across 3 processes"):
+        recipe._run_joined(config, recipe.RunClaims(tmp_path / ".claims"), tmp_path, SimpleNamespace(num_processes=3, is_main_process=True))

@@ -61,7 +61,8 @@ def test_auto_precision_follows_the_device(monkeypatch):
     monkeypatch.setattr(devices, "accelerator_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert devices.resolve_mixed_precision("auto") == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # A GPU that only emulates bf16 (a V100, a T4) gets fp16, which it runs natively.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert devices.resolve_mixed_precision("auto") == "fp16"
     assert devices.default_workers() >= 1 and devices.augment_on_device("auto")
     assert not devices.augment_on_device("loader")

@@ -217,7 +217,7 @@ def test_supervised_two_heads_uses_their_mean() -> None:
 # --------------------------------------------------------------------------- resume
 @pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
 @pytest.mark.parametrize(("sched", "loader"), [("cosine", "plain"), ("onecycle", "plain"), ("plateau", "plain"),
-                                               ("cosine", "generator"), ("cosine", "workers")])
+                                               ("cosine", "generator"), ("cosine", "workers"), ("cosine", "make_loader")])
 def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path, sched: str, loader: str) -> None:
     overrides = dict(sched=sched, grad_accum_steps=2, clip_grad_norm=1.0)
     train, val = loaders()
@@ -225,6 +225,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path, sched
         train = DataLoader(train.dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
     elif loader == "workers":  # augmentation drawn in worker processes
         train = DataLoader(train.dataset, batch_size=8, shuffle=True, num_workers=2)
+    elif loader == "make_loader":  # kdkit's own loader with workers, as a GPU run gets them
+        from kdkit.data import make_loader
+
+        train = make_loader(train.dataset, 8, train=True, workers=2)
     reference = make_trainer(tmp_path / "ref", **overrides)
     expected = reference.fit(train, val)
 
@@ -961,3 +965,30 @@ def test_public_names_keep_working() -> None:
     assert kdkit.NonFiniteLossError is kdkit.train.NonFiniteLossError
     assert kdkit.train.find_checkpoint is kdkit.checkpoint_manager.find_checkpoint
     assert checkpoint_epoch is kdkit.checkpoint_manager.checkpoint_epoch
+
+
+def test_non_finite_weights_never_become_the_best_model(tmp_path: Path) -> None:
+    """A finite loss but a NaN parameter (here one the loss does not read): no best model, no checkpoint of it."""
+
+    class PoisonsAParameter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.student = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+            self.spare = nn.Parameter(torch.zeros(2))
+            self.calls = 0
+
+        def forward(self, images, labels):
+            self.calls += 1
+            if self.calls == 5:  # epoch 2 of 3 batches
+                with torch.no_grad():
+                    self.spare.fill_(float("nan"))
+            logits = self.student(images)
+            return StepOutput(nn.functional.cross_entropy(logits, labels), logits, {})
+
+    data = TensorDataset(torch.randn(24, 3, 4, 4), torch.arange(24) % 3)
+    config = TrainConfig(epochs=3, lr=1e-2, sched="none", output_dir=tmp_path, progress=False, checkpoint_every=3)
+    trainer = Trainer(PoisonsAParameter(), config, class_names=CLASSES)
+    with pytest.raises(NonFiniteLossError, match="parameters became non-finite during epoch 2/3; neither the checkpoint nor the best model"):
+        trainer.fit(DataLoader(data, batch_size=8))  # no validation: every epoch would be the best
+    assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1

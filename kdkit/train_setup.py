@@ -1,18 +1,39 @@
-"""The Accelerator of a training run: how the :class:`~kdkit.train.Trainer` creates and checks it."""
+"""How a training run is set up: its Accelerator, its optimizer and the per-epoch reseeding.
+
+* :func:`create_accelerator` / :func:`configure_accelerator`: the ``accelerate.Accelerator``
+  the :class:`~kdkit.train.Trainer` creates (or is given) and what it sets on it;
+* :func:`build_optimizer`: a timm optimizer with weight decay off where it does harm;
+* :func:`seed_epoch`: every random draw of an epoch is a function of ``(seed, epoch)``. This is
+  what makes a resumed run exact without saving data-loader or worker state: shuffling,
+  augmentation (in the main process and in fresh workers) and dropout of epoch ``e`` are drawn
+  the same whether the run got there uninterrupted or from a checkpoint.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from .taps import unwrap_model
 from .train_config import TrainConfig
 
-__all__ = ["configure_accelerator", "create_accelerator", "distributed_without_accelerator", "wants_unused_parameters"]
+__all__ = [
+    "build_optimizer",
+    "configure_accelerator",
+    "create_accelerator",
+    "derive_seed",
+    "distributed_without_accelerator",
+    "no_weight_decay_names",
+    "seed_epoch",
+    "wants_unused_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +129,81 @@ def configure_accelerator(accelerator: Any, config: TrainConfig, task: nn.Module
             "kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], or DDP may fail or hang",
             stacklevel=3,
         )
+
+
+# --------------------------------------------------------------------------- optimizer
+def no_weight_decay_names(task: nn.Module) -> set[str]:
+    """Full parameter names within ``task`` that get no weight decay, besides biases and norms.
+
+    The task's own ``no_weight_decay()`` when it has one; else the student's timm
+    ``no_weight_decay()`` names (e.g. ``pos_embed``, ``cls_token``) prefixed with ``"student."``,
+    the task attribute that holds the student.
+    """
+    own = getattr(task, "no_weight_decay", None)
+    if callable(own):
+        return set(own())
+    names = getattr(unwrap_model(task.student), "no_weight_decay", None)
+    return {f"student.{name}" for name in names()} if callable(names) else set()
+
+
+def build_optimizer(task: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The timm optimizer of ``config`` over the task's parameters, in decay and no-decay groups.
+
+    Raises:
+        ValueError: The task has no trainable parameter.
+    """
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    if not any(p.requires_grad for p in task.parameters()):
+        raise ValueError("the task has no trainable parameters (requires_grad=True)")
+    no_decay = no_weight_decay_names(task)
+    return create_optimizer_v2(
+        task,
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        param_group_fn=lambda module: param_groups_weight_decay(module, config.weight_decay, no_weight_decay_list=no_decay),
+        **config.opt_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- seeding
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from non-negative integers (e.g. ``(seed, epoch, rank)``)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
+
+
+def seed_epoch(loader: Any, seed: int, epoch: int, process_index: int = 0) -> None:
+    """Reseeds Python, numpy, torch (CUDA included) and ``loader``'s samplers for ``epoch`` (0-based).
+
+    The global generators get a seed per process (dropout and augmentation differ between
+    processes); the loader's shuffling generators one shared by all processes (they must agree
+    on the order to shard it). Accelerate's ``SeedableRandomSampler`` adds the epoch itself,
+    through ``set_epoch``.
+    """
+    process_seed = derive_seed(seed, epoch, process_index + 1)
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+    torch.manual_seed(process_seed)  # also seeds every CUDA device
+    data_seed = derive_seed(seed, epoch, 0)
+    from accelerate.data_loader import SeedableRandomSampler
+
+    seen: set[int] = set()
+    stack = [loader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        attrs = obj.__dict__ if hasattr(obj, "__dict__") else {}
+        if isinstance(obj, SeedableRandomSampler):
+            obj.initial_seed = derive_seed(seed, 0, 0)  # + epoch, through set_epoch below
+        for name in ("generator", "synchronized_generator"):
+            if isinstance(attrs.get(name), torch.Generator):
+                attrs[name].manual_seed(data_seed)
+        for name in ("base_dataloader", "sampler", "batch_sampler"):
+            if attrs.get(name) is not None:
+                stack.append(attrs[name])
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)

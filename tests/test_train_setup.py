@@ -1,4 +1,4 @@
-"""Tests of kdkit.accelerator: the Accelerator the Trainer creates, and what it sets on a given one."""
+"""Tests of kdkit.train_setup: the Accelerator the Trainer creates, and what it sets on a given one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdkit.accelerator import configure_accelerator, create_accelerator
+from kdkit.train_setup import configure_accelerator, create_accelerator
 from kdkit.train_config import TrainConfig
 
 
