@@ -7,6 +7,6 @@ Example:
 
 from __future__ import annotations
 
-from kdkit_zoo.hdkd import HdkdStudent, HdkdStudentDistilled, HdkdTeacher
+from kdkit_zoo.hdkd.model import HdkdStudent, HdkdStudentDistilled, HdkdTeacher
 
 __all__ = ["HdkdStudent", "HdkdStudentDistilled", "HdkdTeacher"]
