@@ -2,7 +2,7 @@
 
     .venv/bin/accelerate launch benchmarks/data_efficiency.py --dataset brain_tumor_mri
 
-Runs the HDKD recipe (:mod:`kdkit.recipe`, the same code as ``examples/hdkd_brain.py``) with
+Runs the HDKD experiment (:mod:`kdkit_zoo.hdkd.experiment`, the same code as ``examples/hdkd_brain.py``) with
 three seeds and the sizes 50, 100, 150 and all images per class unless ``--seeds`` and
 ``--sizes`` say otherwise, then writes ``results/data_efficiency_<dataset>.json`` and ``.md``
 (every run, mean ± standard deviation, the gain of HDKD over the student alone, PASS/FAIL
@@ -28,17 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
 
 from kdkit.checkpoint import atomic_write  # noqa: E402
-from kdkit.recipe import (  # noqa: E402
-    DATASETS,
-    build_parser,
-    config_from_args,
-    configure_logging,
-    paired_values,
-    run_experiment,
-    set_cpu_threads,
-    size_label,
-)
 from kdkit.train import distributed_without_accelerator  # noqa: E402
+from kdkit_zoo.hdkd.cli import build_parser, config_from_args, configure_logging, set_cpu_threads  # noqa: E402
+from kdkit_zoo.hdkd.experiment import DATASETS, paired_values, run_experiment, size_label  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

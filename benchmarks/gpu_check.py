@@ -11,7 +11,8 @@ paper preset's 224 px and global batch 32 under bf16 autocast, it measures:
   images/s, and the peak device memory of each;
 * the input pipeline alone: uint8 batches from :func:`kdkit.data.make_loader` (pinned memory,
   ``--workers`` worker processes), copied without blocking and augmented on the device by
-  :func:`kdkit.augment.batch_train_transforms`, in images/s, beside the per-image CPU path;
+  :func:`kdkit_zoo.hdkd.augmentations.batch_hdkd_train_transforms`, in images/s, beside the
+  per-image CPU path;
 * the two together, as training runs them: the fraction of each step's wall time spent
   waiting for the next augmented batch;
 * then a short ``--preset paper`` HDKD experiment through ``accelerate launch`` (a few epochs,
@@ -44,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kdkit  # noqa: E402  (registers the HDKD models)
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
-from kdkit.augment import batch_train_transforms  # noqa: E402
-from kdkit.data import ImageTensorDataset, make_loader, train_transforms  # noqa: E402
+from kdkit.data import ImageTensorDataset, make_loader  # noqa: E402
+from kdkit_zoo.hdkd.augmentations import batch_hdkd_train_transforms, hdkd_train_transforms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -119,9 +120,9 @@ def time_model_step(kind: str, size: int, batch: int, steps: int, warmup: int, d
 def time_pipeline(dataset: ImageTensorDataset, batch: int, workers: int, batches: int, device: torch.device, *, on_device: bool) -> dict[str, float]:
     """Images/s of loading ``batches`` batches to the device, augmented there (or per image in the loader)."""
     size = dataset.images.shape[-1]
-    source = dataset.as_uint8() if on_device else dataset.with_transform(train_transforms(size))
+    source = dataset.as_uint8() if on_device else dataset.with_transform(hdkd_train_transforms(size))
     loader = make_loader(source, batch, train=True, workers=workers, pin_memory=device.type == "cuda", num_processes=1)
-    augment = batch_train_transforms(size) if on_device else None
+    augment = batch_hdkd_train_transforms(size) if on_device else None
     seen, start, iterator = 0, None, iter(loader)
     for index in range(batches + 1):
         try:
@@ -153,7 +154,7 @@ def time_training_with_data(dataset: ImageTensorDataset, batch: int, workers: in
     size = dataset.images.shape[-1]
     step, _ = build_step("distill", size, device)
     loader = make_loader(dataset.as_uint8(), batch, train=True, workers=workers, pin_memory=device.type == "cuda", num_processes=1)
-    augment = batch_train_transforms(size)
+    augment = batch_hdkd_train_transforms(size)
     iterator = iter(loader)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:

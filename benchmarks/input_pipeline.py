@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/input_pipeline.py
     .venv/bin/python benchmarks/input_pipeline.py --device cuda
 
-Images per second delivered by (a) today's pipeline, ``kdkit.data.train_transforms`` applied
-to one image at a time in the DataLoader (``make_loader``, with 0, 1 and 2 workers), which
-yields float32 batches, and (b) uint8 batches (``ImageTensorDataset.as_uint8`` through the same
-loader) augmented as a whole by ``kdkit.augment.batch_train_transforms`` on the device. With
+Images per second delivered by (a) today's pipeline, the HDKD paper's augmentations
+(``kdkit_zoo.hdkd.augmentations.hdkd_train_transforms``) applied to one image at a time in the
+DataLoader (``make_loader``, with 0, 1 and 2 workers), which yields float32 batches, and (b)
+uint8 batches (``ImageTensorDataset.as_uint8`` through the same loader) augmented as a whole by
+``kdkit_zoo.hdkd.augmentations.batch_hdkd_train_transforms`` on the device. With
 ``--device cuda`` the loaders pin their memory and every batch is copied with
 ``non_blocking=True`` before (b) augments it on the GPU; (a) copies its float32 batches the
 same way. The images are synthetic (random uint8 tensors, generated here), at the CPU
@@ -37,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import kdkit
-from kdkit.augment import batch_train_transforms
-from kdkit.data import ImageTensorDataset, make_loader, train_transforms
+from kdkit.data import ImageTensorDataset, make_loader
+from kdkit_zoo.hdkd.augmentations import batch_hdkd_train_transforms, hdkd_train_transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -83,7 +84,7 @@ def time_pipeline(
         loader: A training loader.
         batches: Timed batches after the first.
         device: Where each batch is copied (``non_blocking``; a no-op for the CPU).
-        transform: Applied to each batch on ``device``, e.g. :func:`kdkit.augment.batch_train_transforms`.
+        transform: Applied to each batch on ``device``, e.g. :func:`kdkit_zoo.hdkd.augmentations.batch_hdkd_train_transforms`.
 
     Returns:
         ``images``, ``seconds`` and ``images_per_s`` of the timed batches.
@@ -116,7 +117,7 @@ def pipeline_rows(
     """
     size = dataset.images.shape[-1]
     pin = device.type == "cuda"
-    per_item, raw = dataset.with_transform(train_transforms(size)), dataset.as_uint8()
+    per_item, raw = dataset.with_transform(hdkd_train_transforms(size)), dataset.as_uint8()
     rows = [{"pipeline": PER_ITEM, "workers": workers, "batch_dtype": "float32", "augmented_on": "cpu"}
             for workers in args.workers]  # fmt: skip
     rows.append({"pipeline": BATCHED, "workers": 0, "batch_dtype": "uint8", "augmented_on": device.type})
@@ -125,7 +126,7 @@ def pipeline_rows(
     for round_index in range(args.rounds):
         shift = round_index % len(rows)
         for row in rows[shift:] + rows[:shift]:
-            source, transform = (raw, batch_train_transforms(size)) if row["pipeline"] == BATCHED else (per_item, None)
+            source, transform = (raw, batch_hdkd_train_transforms(size)) if row["pipeline"] == BATCHED else (per_item, None)
             loader = make_loader(source, args.batch_size, train=True, workers=row["workers"], num_processes=1,
                                  pin_memory=pin)  # fmt: skip
             row["rounds_images_per_s"].append(time_pipeline(loader, batches, device, transform)["images_per_s"])
@@ -226,8 +227,9 @@ def to_markdown(results: dict[str, object], args: argparse.Namespace) -> str:
         "untimed batch (which starts the workers); its figure is the median over "
         f"{args.rounds} rotating rounds of the images per second of the timed batches. Each batch is copied to the device "
         f"(`non_blocking=True`, pinned memory on CUDA) and, for `{BATCHED}`, augmented there by "
-        "`kdkit.augment.batch_train_transforms`. "
-        f"`{PER_ITEM}` is `kdkit.data.train_transforms` in the DataLoader, one image at a time, on the CPU.",
+        "`kdkit_zoo.hdkd.augmentations.batch_hdkd_train_transforms`. "
+        f"`{PER_ITEM}` is `kdkit_zoo.hdkd.augmentations.hdkd_train_transforms` in the DataLoader, one image at a time, "
+        "on the CPU.",
         "",
         "## Input pipelines",
         "",

@@ -21,6 +21,7 @@ import timm
 
 import kdkit
 from kdkit import data as kdata
+from kdkit_zoo.hdkd.augmentations import hdkd_train_transforms
 
 
 def parse_losses(text: str) -> dict[str, float]:
@@ -63,7 +64,8 @@ def main() -> None:
     else:  # model selection never looks at the test set
         train_idx, val_idx = kdata.stratified_split_indices(train.labels.numpy(), args.val_fraction, seed=0)
         train, val = train.subset(train_idx), train.subset(val_idx)
-    train = train.with_transform(kdata.train_transforms(args.image_size))
+    # The HDKD paper's augmentations (rotations, flips, colour jitter): a sound default for small image sets.
+    train = train.with_transform(hdkd_train_transforms(args.image_size))
     val = val.with_transform(kdata.eval_transforms(args.image_size))
     loader = kdata.make_loader(train, args.batch_size, train=True)
     val_loader = kdata.make_loader(val, args.batch_size, train=False)

@@ -58,8 +58,10 @@ from kdkit import data as kdata
 from kdkit.checkpoint import atomic_write_text
 from kdkit.explain import ACTIVATION_METHOD, agreement_by_class, compare_maps, feature_stage
 from kdkit.plots import plot_activation_grid
-from kdkit.recipe import configure_logging, set_cpu_threads
 from kdkit.train import distributed_without_accelerator
+from kdkit_zoo.hdkd.augmentations import hdkd_train_transforms
+from kdkit_zoo.hdkd.cli import configure_logging, set_cpu_threads
+from kdkit_zoo.hdkd.datasets import load_brain_tumor_mri, load_ham10000
 
 logger = logging.getLogger("explainable_kd")
 
@@ -286,11 +288,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     output_dir = Path(args.output_dir)
     started = time.perf_counter()
 
-    load = kdata.load_brain_tumor_mri if args.dataset == "brain_tumor_mri" else kdata.load_ham10000
+    load = load_brain_tumor_mri if args.dataset == "brain_tumor_mri" else load_ham10000
     splits = load(args.data_dir, args.image_size)
     pool, classes = splits["train"], splits["train"].classes
     train_idx, val_idx = kdata.stratified_split_indices(pool.labels.numpy(), 0.1, seed=0)
-    train_pool = pool.subset(train_idx).with_transform(kdata.train_transforms(args.image_size))
+    train_pool = pool.subset(train_idx).with_transform(hdkd_train_transforms(args.image_size))
     eval_tf = kdata.eval_transforms(args.image_size)
     splits = {"val": pool.subset(val_idx).with_transform(eval_tf), "test": splits["test"].with_transform(eval_tf)}
     if bad := [i for i in args.figure_indices or [] if not 0 <= i < len(splits["test"])]:

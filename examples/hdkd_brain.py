@@ -9,7 +9,7 @@ and distilled from the teacher at 50, 100 and 150 images per class, and writes
 ``--help`` lists every flag.
 """
 
-from kdkit.recipe import main
+from kdkit_zoo.hdkd.cli import main
 
 if __name__ == "__main__":
     main("brain_tumor_mri")

@@ -7,7 +7,7 @@ training set, the split keeps all images of one lesion on the same side, and the
 epoch is chosen on balanced accuracy. ``--help`` lists every flag.
 """
 
-from kdkit.recipe import main
+from kdkit_zoo.hdkd.cli import main
 
 if __name__ == "__main__":
     main("ham10000")

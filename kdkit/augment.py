@@ -1,14 +1,16 @@
-"""Batched augmentation on the device: the HDKD paper's augmentations for whole uint8 batches.
+"""Batched transforms on the device: whole uint8 batches converted, resized, augmented and
+normalised wherever they are.
 
-:func:`kdkit.data.train_transforms` augments one image at a time in the DataLoader, on the
-CPU. Here the same augmentations run on a whole batch at once, wherever the batch is (a GPU
-after the copy, or the CPU), each image with its own random parameters, built on
-:mod:`kornia.augmentation`. Feed them the uint8 batches of
+Per-item transforms (:func:`kdkit.data.eval_transforms`) work on one image at a time in the
+DataLoader, on the CPU. A :class:`BatchTransform` works on a whole batch at once, wherever the
+batch is (a GPU after the copy, or the CPU), with any augmentation module in between, e.g. an
+``nn.Sequential`` of :mod:`kornia.augmentation` modules, which give each image its own random
+parameters. Feed it the uint8 batches of
 :meth:`kdkit.data.ImageTensorDataset.as_uint8`: a quarter of the bytes of float32 to copy to the
 device, and no per-image work left in the DataLoader.
 
-Randomness comes from torch's global random number generator, so ``torch.manual_seed`` (as
-the trainer does every epoch) makes the augmentations reproducible.
+Kornia's augmentations draw from torch's global random number generator, so
+``torch.manual_seed`` (as the trainer does every epoch) makes them reproducible.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["BatchTransform", "batch_eval_transforms", "batch_train_transforms"]
+__all__ = ["BatchTransform", "batch_eval_transforms"]
 
 
 class BatchTransform(nn.Module):
@@ -112,57 +114,6 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     if is_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()  # e.g. "meta", which has no autocast
-
-
-def _paper_augmentation() -> nn.Sequential:
-    """The augmentations of :func:`kdkit.data.train_transforms` after its resize, as kornia modules."""
-    return nn.Sequential(
-        # torchvision's RandomRotation(180) default: nearest, zero fill, about the image centre;
-        # kornia's align_corners=True rotates about the same centre (pixel (W - 1) / 2).
-        K.RandomRotation(degrees=180.0, resample="nearest", align_corners=True, p=1.0),
-        K.RandomHorizontalFlip(p=0.5),
-        K.RandomVerticalFlip(p=0.5),
-        # kornia's ColorJitter uses torchvision's formulas and factor ranges ([0.7, 1.3] here).
-        K.ColorJitter(brightness=0.3, contrast=0.3, p=1.0),
-        # kornia's factor blends like torchvision's (0 blurred, 1 unchanged, 2 sharpened, same
-        # 3 x 3 kernel, border kept); a scalar would draw it from [0, x], so pin it at 2.
-        K.RandomSharpness(sharpness=(2.0, 2.0), p=0.5),
-        # torchvision's GaussianBlur(3): one sigma per image from [0.1, 2.0], reflect padding.
-        K.RandomGaussianBlur(kernel_size=(3, 3), sigma=(0.1, 2.0), border_type="reflect", p=1.0),
-    )
-
-
-def batch_train_transforms(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> BatchTransform:
-    """The HDKD paper's training augmentations of :func:`kdkit.data.train_transforms`, for whole batches.
-
-    Every image of the batch gets its own draw of: a rotation by up to 180 degrees either way
-    (nearest neighbour, zero fill), horizontal and vertical flips (p 0.5 each), colour jitter
-    (brightness and contrast factors in [0.7, 1.3]), sharpening with factor 2 (p 0.5), and a
-    3 x 3 Gaussian blur with sigma uniform in [0.1, 2.0]. Before them the batch is resized to
-    ``image_size`` if it has another size; after them it is normalised.
-
-    Each step computes what its torchvision counterpart computes, sharpness included (kornia's
-    ``RandomSharpness`` with the factor range pinned to ``(2, 2)`` is torchvision's
-    ``adjust_sharpness(image, 2)``), with three differences: the steps run on float32 rather
-    than on uint8, so the per-step rounding of the per-item pipeline (under one grey level per
-    step) is absent; kornia draws one order of brightness and contrast per batch where
-    torchvision draws one per image (the two steps commute except where values clip at 0 or
-    1); and nearest-neighbour rotation may pick the other of two equidistant pixels.
-
-    Args:
-        image_size: Side of the square output images.
-        mean: Per-channel mean of the normalisation.
-        std: Per-channel standard deviation of the normalisation.
-
-    Returns:
-        A module from uint8 (or float in [0, 1]) ``B x 3 x H x W`` batches to normalised float32
-        ones, on the batch's device.
-    """
-    return BatchTransform(image_size, _paper_augmentation(), mean, std)
 
 
 def batch_eval_transforms(

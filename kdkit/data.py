@@ -1,5 +1,6 @@
-"""Data pipeline: locating data sets, decoding them once into cached uint8 tensors, subsets,
-augmentations and SMOTE.
+"""Data pipeline: image folders decoded once into cached uint8 tensors, subsets, splits,
+loaders, evaluation transforms and SMOTE. Whole data sets of any layout (split folders, class
+folders, a CSV) are loaded by :mod:`kdkit.image_data`.
 
 Images are decoded a single time at the training resolution and kept in memory as a uint8
 ``N x 3 x H x W`` tensor (and on disk in a cache): on a 2-core machine, decoding JPEGs every
@@ -9,15 +10,13 @@ are cheap.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
 import hashlib
 import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,45 +34,24 @@ from .checkpoint import atomic_write
 
 __all__ = [
     "CACHE_DIR_ENV",
-    "DATA_ROOT_ENV",
     "CorruptImageError",
     "ImageTensorDataset",
     "balanced_subset_indices",
     "batches_per_process",
-    "dataset_dir",
     "eval_transforms",
-    "load_brain_tumor_mri",
-    "load_ham10000",
     "load_imagefolder",
     "make_loader",
     "per_process_batch_size",
-    "resolve_data_root",
     "smote_balance",
     "stratified_split_indices",
-    "train_transforms",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATA_ROOT_ENV = "KDKIT_DATA_ROOT"
 CACHE_DIR_ENV = "KDKIT_CACHE_DIR"
 
 OnCorrupt = Literal["error", "skip"]
 
-_SHARED_DATA = Path("..", "shared", "data")
-# The repository checkout holding the ``kdkit`` package, so an editable install finds the data
-# from any working directory.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-_DATASET_SOURCES = {
-    "brain_tumor_mri": (
-        'the Kaggle "Brain Tumor MRI Dataset" by Masoud Nickparvar, unpacked so that the '
-        "folder holds Training/ and Testing/"
-    ),
-    "ham10000": (
-        "HAM10000 by Tschandl et al. (ISIC archive or Harvard Dataverse), with "
-        "HAM10000_metadata.csv next to an images/ folder of <image_id>.jpg files"
-    ),
-}
 # Split names looked for by ``load_imagefolder`` when no splits are given (case-insensitive).
 _SPLIT_FOLDER_ALIASES = {
     "train": ("train", "training"),
@@ -89,77 +67,6 @@ class CorruptImageError(ValueError):
 
 
 # --------------------------------------------------------------------------- locations
-
-
-def _data_root_candidates(data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
-    """Where the data root may be, in lookup order, each with where that guess came from."""
-    if data_dir is not None:
-        return [(Path(data_dir).expanduser(), "the data_dir argument")]
-    if env_root := os.environ.get(DATA_ROOT_ENV):
-        return [(Path(env_root).expanduser(), f"${DATA_ROOT_ENV}")]
-    return [
-        (Path.cwd() / _SHARED_DATA, "relative to the current directory"),
-        (_REPO_ROOT / _SHARED_DATA, "relative to the kdkit repository"),
-    ]
-
-
-def _locate_data_root(data_dir: str | os.PathLike | None) -> tuple[Path, str]:
-    candidates = _data_root_candidates(data_dir)
-    if len(candidates) == 1:  # explicit choice: reported by dataset_dir if it is missing
-        return candidates[0]
-    for path, origin in candidates:
-        if path.is_dir():
-            return path.resolve(), origin
-    looked = "; ".join(f"{path} ({origin})" for path, origin in candidates)
-    raise FileNotFoundError(
-        f"No data root found. Looked in: {looked}. Pass data_dir (--data-dir) or set "
-        f"{DATA_ROOT_ENV} to the folder that holds the data sets."
-    )
-
-
-def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """Find the folder that holds the data sets (``brain_tumor_mri/``, ``ham10000/``, ...).
-
-    Looked up in order: the explicit ``data_dir``, the ``KDKIT_DATA_ROOT`` environment
-    variable, ``../shared/data`` relative to the current directory, then ``../shared/data``
-    relative to the repository that contains the ``kdkit`` package.
-
-    Args:
-        data_dir: Explicit data root (e.g. an example's ``--data-dir``); used as given.
-
-    Returns:
-        The data root. An explicit ``data_dir`` or ``KDKIT_DATA_ROOT`` is returned even if it
-        does not exist, so that :func:`dataset_dir` can report it.
-
-    Raises:
-        FileNotFoundError: No default location exists; the message lists where it looked.
-    """
-    return _locate_data_root(data_dir)[0]
-
-
-def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Return ``<data root>/<name>``, failing clearly if it is missing.
-
-    Args:
-        name: Data set folder name, e.g. ``"brain_tumor_mri"`` or ``"ham10000"``.
-        data_dir: Explicit data root, see :func:`resolve_data_root`.
-
-    Raises:
-        FileNotFoundError: The folder does not exist; the message says where it looked and
-            where the data set can be obtained.
-    """
-    source = _DATASET_SOURCES.get(name, f"the {name!r} data set")
-    try:
-        root, origin = _locate_data_root(data_dir)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error} Then download {source} into <data root>/{name}.") from None
-    folder = root / name
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Data set folder {folder} not found (data root from {origin}). Download {source} and "
-            f"put it there, or point data_dir / {DATA_ROOT_ENV} at the folder that contains {name}/."
-        )
-    return folder
 
 
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -287,8 +194,8 @@ class ImageTensorDataset(Dataset):
         The view shares the image storage, and each item is a view of that storage (the
         DataLoader's collation copies it into the batch), so do not modify items in place.
         Batches of it are uint8, a quarter of the bytes of float32 to copy to an accelerator,
-        where :func:`kdkit.augment.batch_train_transforms` or
-        :func:`kdkit.augment.batch_eval_transforms` augment, convert and normalise them.
+        where a :class:`kdkit.augment.BatchTransform` (such as
+        :func:`kdkit.augment.batch_eval_transforms`) augments, converts and normalises them.
         :meth:`subset` keeps the uint8 items; :meth:`with_transform` returns to float ones.
         """
         view = copy.copy(self)
@@ -417,8 +324,8 @@ def _is_hidden(path: Path) -> bool:
 
 
 def _image_extensions() -> frozenset[str]:
-    # The rule HF imagefolder's extension list was generated with, without importing
-    # ``datasets`` (over a second) when the cache makes it unnecessary.
+    # The rule HF imagefolder's extension list was generated with: every extension Pillow
+    # can open.
     Image.init()
     extension_formats = Image.registered_extensions()
     return frozenset(ext for ext, image_format in extension_formats.items() if image_format in Image.OPEN)
@@ -454,20 +361,6 @@ def _default_splits(root: Path) -> dict[str, str]:
     return splits or {"train": "."}
 
 
-@contextlib.contextmanager
-def _hf_progress_bars(enabled: bool) -> Iterator[None]:
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    if not enabled:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
 def load_imagefolder(
     path: str | os.PathLike,
     image_size: int = 224,
@@ -477,7 +370,7 @@ def load_imagefolder(
     on_corrupt: OnCorrupt = "error",
     progress: bool = True,
 ) -> dict[str, ImageTensorDataset]:
-    """Load a Kaggle/ImageNet-style ``<split>/<class>/<image>`` folder through HF ``imagefolder``.
+    """Load a Kaggle/ImageNet-style ``<split>/<class>/<image>`` folder.
 
     Every image is converted to RGB (grayscale, RGBA and palette images included), resized to
     ``image_size x image_size`` with antialiasing and stored as uint8. The result is cached in
@@ -506,7 +399,7 @@ def load_imagefolder(
         CorruptImageError: An unreadable image with ``on_corrupt="error"``.
     """
     _check_on_corrupt(on_corrupt)
-    # HF datasets reports absolute paths; ours must match them.
+    # Absolute paths: they key the cache and are the datasets' ``paths``.
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {root} does not exist")
@@ -526,7 +419,7 @@ def load_imagefolder(
     )
     payload = _read_cache(cache)
     if payload is None:
-        payload = _decode_imagefolder(files, split_dirs, classes, image_size, cache, on_corrupt, progress)
+        payload = _decode_imagefolder(files, split_dirs, classes, image_size, on_corrupt, progress)
         _write_cache(cache, payload)
     else:
         _report_cached_skips(
@@ -549,35 +442,16 @@ def _decode_imagefolder(
     split_dirs: Mapping[str, Path],
     classes: Sequence[str],
     image_size: int,
-    cache: Path,
     on_corrupt: OnCorrupt,
     progress: bool,
 ) -> dict:
-    from datasets import Image as ImageFeature
-    from datasets import load_dataset
-
-    with _hf_progress_bars(progress):
-        # Explicit file lists: imagefolder does not know Kaggle's Training/Testing split names.
-        # drop_labels=False keeps labels for a single class; drop_metadata=True stops a stray
-        # metadata.csv from replacing the folder labels.
-        folder = load_dataset(
-            "imagefolder",
-            data_files={name: [str(file) for file in split_files] for name, split_files in files.items()},
-            drop_labels=False,
-            drop_metadata=True,
-            cache_dir=str(cache.parent / "hf_datasets"),
-        )
+    # Labels are the class folder names, as HF ``imagefolder`` gave them (which loaded these
+    # folders until it was found to hand back exactly this listing, order and labels, at the
+    # cost of an extra copy in its own cache and "Downloading data" bars for local files).
+    class_index = {name: index for index, name in enumerate(classes)}
     splits = {}
-    for name, split in folder.items():
-        label_names = split.features["label"].names
-        if label_names != list(classes):
-            raise RuntimeError(f"imagefolder inferred classes {label_names}, expected class folders {classes}")
-        # Decode ourselves, once, at the target size instead of imagefolder's full-size PIL decode.
-        rows = split.cast_column("image", ImageFeature(decode=False))
-        paths = [image["path"] for image in rows["image"]]
-        ignored = sorted(set(map(str, files[name])) - set(paths))
-        if ignored:
-            raise ValueError(f"imagefolder does not read {len(ignored)} file(s), e.g. {ignored[0]}")
+    for name, split_files in files.items():
+        paths = [str(file) for file in split_files]
         images, kept, skipped = _decode_images(
             paths,
             image_size,
@@ -587,145 +461,11 @@ def _decode_imagefolder(
         )
         if not len(kept):
             raise ValueError(f"No readable images in {split_dirs[name]}")
-        labels = torch.as_tensor(list(rows["label"]), dtype=torch.int64)[torch.from_numpy(kept)]
+        labels = torch.as_tensor([class_index[file.parent.name] for file in split_files], dtype=torch.int64)
+        labels = labels[torch.from_numpy(kept)]
         kept_paths = [paths[position] for position in kept.tolist()]
         splits[name] = {"images": images, "labels": labels, "paths": kept_paths, "skipped": skipped}
     return {"classes": list(classes), "splits": splits}
-
-
-def load_brain_tumor_mri(
-    data_dir: str | os.PathLike | None = None,
-    image_size: int = 224,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    on_corrupt: OnCorrupt = "error",
-    progress: bool = True,
-) -> dict[str, ImageTensorDataset]:
-    """Load the Brain Tumor MRI data set (Kaggle, Masoud Nickparvar) with its own split.
-
-    Classes: ``['glioma', 'meningioma', 'notumor', 'pituitary']``. With the shared copy,
-    ``"train"`` (``Training/``) has 5708 images and ``"test"`` (``Testing/``) 1311.
-
-    Args:
-        data_dir: Data root holding ``brain_tumor_mri/``, see :func:`resolve_data_root`.
-        image_size: Side of the square images.
-        cache_dir: Decoded-image cache folder, see :func:`load_imagefolder`.
-        on_corrupt: ``"error"`` or ``"skip"``, see :func:`load_imagefolder`.
-        progress: Show progress bars.
-
-    Returns:
-        ``{"train": ..., "test": ...}``.
-    """
-    return load_imagefolder(
-        dataset_dir("brain_tumor_mri", data_dir),
-        image_size,
-        splits={"train": "Training", "test": "Testing"},
-        cache_dir=cache_dir,
-        on_corrupt=on_corrupt,
-        progress=progress,
-    )
-
-
-# --------------------------------------------------------------------------- HAM10000
-
-_HAM10000_COLUMNS = ("lesion_id", "image_id", "dx")
-
-
-def load_ham10000(
-    data_dir: str | os.PathLike | None = None,
-    image_size: int = 224,
-    *,
-    test_size: int = 828,
-    seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    on_corrupt: OnCorrupt = "error",
-    progress: bool = True,
-) -> dict[str, ImageTensorDataset]:
-    """Load HAM10000 with a train/test split grouped by lesion and stratified by diagnosis.
-
-    Images come from ``images/<image_id>.jpg`` as listed in ``HAM10000_metadata.csv``;
-    classes are the sorted diagnoses ``['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']``.
-    The split is drawn over lesions (``lesion_id``), stratified by their diagnosis, so all
-    images of one lesion land on the same side; it depends only on ``seed``. The test side
-    gets ``test_size`` images' worth of lesions, hence approximately ``test_size`` images
-    (835 of 10015 for the default 828 and seed 0; the HDKD paper uses 828). The decoded
-    images of the whole set are cached once; both splits share them.
-
-    Args:
-        data_dir: Data root holding ``ham10000/``, see :func:`resolve_data_root`.
-        image_size: Side of the square images (the 4:3 images are resized, not cropped).
-        test_size: Approximate number of test images.
-        seed: Seed of the split.
-        cache_dir: Decoded-image cache folder, see :func:`load_imagefolder`.
-        on_corrupt: ``"error"`` or ``"skip"``, see :func:`load_imagefolder`.
-        progress: Show a progress bar.
-
-    Returns:
-        ``{"train": ..., "test": ...}``.
-
-    Raises:
-        FileNotFoundError: The folder, the metadata file or a listed image is missing.
-        ValueError: Malformed metadata (or a lesion with several diagnoses), or an impossible
-            ``test_size``.
-    """
-    _check_on_corrupt(on_corrupt)
-    folder = dataset_dir("ham10000", data_dir)
-    metadata = folder / "HAM10000_metadata.csv"
-    if not metadata.is_file():
-        raise FileNotFoundError(f"{metadata} not found; expected it next to {folder / 'images'}")
-    with metadata.open(newline="") as stream:
-        reader = csv.DictReader(stream)
-        missing_columns = set(_HAM10000_COLUMNS) - set(reader.fieldnames or ())
-        if missing_columns:
-            raise ValueError(f"{metadata} lacks the columns {sorted(missing_columns)}")
-        records = list(reader)
-    if not records:
-        raise ValueError(f"{metadata} lists no images")
-    if not 0 < test_size < len(records):
-        raise ValueError(f"test_size must be in (0, {len(records)}), got {test_size}")
-
-    paths = [folder / "images" / f"{record['image_id']}.jpg" for record in records]
-    absent = [path for path in paths if not path.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{len(absent)} images listed in {metadata} are missing, e.g. {absent[0]}")
-    classes = sorted({record["dx"] for record in records})
-    class_index = {name: index for index, name in enumerate(classes)}
-
-    cache = _cache_file(cache_dir, "ham10000", [("all", path) for path in paths], image_size)
-    payload = _read_cache(cache)
-    if payload is None:
-        images, kept, skipped = _decode_images(
-            paths, image_size, on_corrupt=on_corrupt, progress=progress, description="Decoding ham10000"
-        )
-        payload = {"images": images, "kept": torch.from_numpy(kept), "skipped": skipped}
-        _write_cache(cache, payload)
-    else:
-        _report_cached_skips(payload["skipped"], on_corrupt, cache)
-    kept = payload["kept"].numpy()
-
-    labels = np.array([class_index[record["dx"]] for record in records])[kept]
-    lesions, lesion_of_image = np.unique([record["lesion_id"] for record in records], return_inverse=True)
-    lesion_of_image = lesion_of_image[kept]
-    lesion_labels = np.zeros(len(lesions), dtype=np.int64)
-    lesion_labels[lesion_of_image] = labels
-    if not np.array_equal(lesion_labels[lesion_of_image], labels):
-        raise ValueError(f"{metadata} gives some lesion_id images with different diagnoses")
-    # Splitting lesions with train_test_split takes milliseconds; StratifiedGroupKFold over the
-    # 7470 lesions takes seconds, on every load.
-    present = np.unique(lesion_of_image)
-    _, test_lesions = train_test_split(
-        present,
-        test_size=round(test_size * len(present) / len(labels)),
-        stratify=lesion_labels[present],
-        random_state=seed,
-    )
-    is_test = np.isin(lesion_of_image, test_lesions)
-    train_indices, test_indices = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    kept_paths = [str(paths[position]) for position in kept.tolist()]
-    full = ImageTensorDataset(
-        payload["images"], labels, classes, paths=kept_paths, skipped=payload["skipped"]
-    )
-    return {"train": full.subset(train_indices), "test": full.subset(test_indices)}
 
 
 # --------------------------------------------------------------------------- subsets
@@ -892,32 +632,6 @@ def stratified_split_indices(
 
 
 # --------------------------------------------------------------------------- transforms
-
-
-def train_transforms(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> v2.Compose:
-    """The HDKD paper's training augmentations for uint8 ``C x H x W`` tensors.
-
-    Resize, random rotation up to 180 degrees, horizontal and vertical flips, colour jitter
-    (brightness and contrast 0.3), random sharpness (factor 2, p 0.5), Gaussian blur
-    (kernel 3), then conversion to float in [0, 1] and normalisation.
-    """
-    return v2.Compose(
-        [
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.RandomRotation(degrees=180),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.ColorJitter(brightness=0.3, contrast=0.3),
-            v2.RandomAdjustSharpness(sharpness_factor=2, p=0.5),
-            v2.GaussianBlur(kernel_size=3),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
 
 
 def eval_transforms(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.data import dataset_dir
+from kdkit_zoo.hdkd.datasets import dataset_dir
 
 
 def _real_dataset(name: str) -> Path | None:
@@ -17,7 +17,7 @@ def _real_dataset(name: str) -> Path | None:
 
 
 def requires_real_data(name: str) -> pytest.MarkDecorator:
-    """Skip unless the real data set ``name`` is found by the library's own lookup."""
+    """Skip unless the real data set ``name`` is found by the experiment's own lookup."""
     return pytest.mark.skipif(
         _real_dataset(name) is None,
         reason=f"real data set {name}/ not found (put it under ../shared/data or set KDKIT_DATA_ROOT)",

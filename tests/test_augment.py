@@ -1,5 +1,6 @@
-"""Tests for kdkit.augment: the batched, per-sample device augmentations against the per-item
-torchvision pipeline of kdkit.data, their reproducibility, shapes, dtypes and devices."""
+"""Tests for kdkit.augment's batched transforms, with the HDKD paper's augmentations of
+kdkit_zoo.hdkd.augmentations inside: batched, per-sample device augmentation against the per-item
+torchvision pipeline, its reproducibility, shapes, dtypes and devices."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_STD
 
-from kdkit.augment import BatchTransform, batch_eval_transforms, batch_train_transforms
-from kdkit.data import ImageTensorDataset, eval_transforms, make_loader, train_transforms
+from kdkit.augment import BatchTransform, batch_eval_transforms
+from kdkit.data import ImageTensorDataset, eval_transforms, make_loader
+from kdkit_zoo.hdkd.augmentations import batch_hdkd_train_transforms, hdkd_train_transforms
 
 
 def _images(count: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -36,10 +38,10 @@ def _statistics(batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_batched_augmentation_matches_the_per_item_pipeline_in_distribution(input_size):
     images = _images(8, input_size)
     draws = 300
-    per_item = train_transforms(32)
+    per_item = hdkd_train_transforms(32)
     torch.manual_seed(0)
     reference = torch.stack([per_item(image) for _ in range(draws) for image in images])
-    batched = batch_train_transforms(32)
+    batched = batch_hdkd_train_transforms(32)
     torch.manual_seed(1)
     augmented = torch.cat([batched(images.repeat(10, 1, 1, 1)) for _ in range(draws // 10)])
 
@@ -56,7 +58,7 @@ def test_batched_augmentation_matches_the_per_item_pipeline_in_distribution(inpu
 
 def test_without_randomness_training_equals_evaluation_and_the_per_item_eval_pipeline():
     images = _images(4, 32)
-    train = batch_train_transforms(32)
+    train = batch_hdkd_train_transforms(32)
     for augmentation in train.augmentation:
         augmentation.p = 0.0
     evaluation = batch_eval_transforms(32)
@@ -71,7 +73,7 @@ def test_without_randomness_training_equals_evaluation_and_the_per_item_eval_pip
 
 def test_the_same_seed_gives_the_same_augmentations_and_each_image_its_own():
     images = _images(1, 32).repeat(16, 1, 1, 1)
-    transform = batch_train_transforms(32)
+    transform = batch_hdkd_train_transforms(32)
     torch.manual_seed(0)
     first = transform(images)
     torch.manual_seed(0)
@@ -84,7 +86,7 @@ def test_the_same_seed_gives_the_same_augmentations_and_each_image_its_own():
     assert len(distinct) == 16
 
 
-@pytest.mark.parametrize("make", [batch_train_transforms, batch_eval_transforms])
+@pytest.mark.parametrize("make", [batch_hdkd_train_transforms, batch_eval_transforms])
 def test_uint8_and_float_batches_give_normalised_float32_at_the_image_size(make):
     images = _images(3, 40)
     transform = make(32, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -114,7 +116,7 @@ def test_bad_batches_are_rejected():
 
 
 def test_transforms_run_on_the_meta_device():
-    for transform in (batch_train_transforms(32), batch_eval_transforms(32)):
+    for transform in (batch_hdkd_train_transforms(32), batch_eval_transforms(32)):
         out = transform(torch.empty(4, 3, 40, 40, dtype=torch.uint8, device="meta"))
         assert out.device.type == "meta" and out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
 
@@ -122,7 +124,7 @@ def test_transforms_run_on_the_meta_device():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transforms_follow_the_batch_to_the_gpu():
     images = _images(4, 40).cuda()
-    for transform in (batch_train_transforms(32), batch_eval_transforms(32)):
+    for transform in (batch_hdkd_train_transforms(32), batch_eval_transforms(32)):
         out = transform(images)
         assert out.is_cuda and out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     torch.testing.assert_close(batch_eval_transforms(32)(images).cpu(), batch_eval_transforms(32)(images.cpu()))
@@ -132,4 +134,4 @@ def test_uint8_loader_batches_feed_the_batched_transforms():
     dataset = ImageTensorDataset(_images(6, 40), [0, 1] * 3, ["a", "b"])
     images, labels = next(iter(make_loader(dataset.as_uint8(), 4, train=True, num_processes=1)))
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 40, 40) and labels.shape == (4,)
-    assert batch_train_transforms(32)(images).shape == (4, 3, 32, 32)
+    assert batch_hdkd_train_transforms(32)(images).shape == (4, 3, 32, 32)

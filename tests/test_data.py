@@ -22,16 +22,14 @@ from kdkit.data import (
     CorruptImageError,
     ImageTensorDataset,
     balanced_subset_indices,
-    dataset_dir,
     eval_transforms,
-    load_brain_tumor_mri,
-    load_ham10000,
     load_imagefolder,
-    resolve_data_root,
     smote_balance,
     stratified_split_indices,
-    train_transforms,
 )
+from kdkit_zoo.hdkd import datasets as hdkd_datasets
+from kdkit_zoo.hdkd.augmentations import hdkd_train_transforms
+from kdkit_zoo.hdkd.datasets import dataset_dir, load_brain_tumor_mri, load_ham10000, resolve_data_root
 
 
 def _noise(height: int = 24, width: int = 20, seed: int = 0) -> np.ndarray:
@@ -69,13 +67,13 @@ def _truncated_jpeg(path: Path) -> Path:
 
 
 def test_resolve_data_root_prefers_argument_then_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "from_env"))
+    monkeypatch.setenv(hdkd_datasets.DATA_ROOT_ENV, str(tmp_path / "from_env"))
     assert resolve_data_root(tmp_path / "explicit") == tmp_path / "explicit"
     assert resolve_data_root() == tmp_path / "from_env"
 
 
 def test_resolve_data_root_falls_back_to_cwd_then_repository(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    monkeypatch.delenv(hdkd_datasets.DATA_ROOT_ENV, raising=False)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "project").mkdir()
     monkeypatch.chdir(tmp_path / "project")
@@ -84,10 +82,10 @@ def test_resolve_data_root_falls_back_to_cwd_then_repository(tmp_path, monkeypat
     elsewhere = tmp_path / "elsewhere" / "cwd"
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "project")
+    monkeypatch.setattr(hdkd_datasets, "_REPO_ROOT", tmp_path / "project")
     assert resolve_data_root() == (tmp_path / "shared" / "data").resolve()
 
-    monkeypatch.setattr(data, "_REPO_ROOT", elsewhere)
+    monkeypatch.setattr(hdkd_datasets, "_REPO_ROOT", elsewhere)
     with pytest.raises(FileNotFoundError, match="No data root found") as error:
         resolve_data_root()
     assert str(elsewhere / ".." / "shared" / "data") in str(error.value)
@@ -342,7 +340,7 @@ def test_stratified_split_is_disjoint_complete_and_stratified():
 
 def test_transforms_give_normalised_float_images():
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
-    augmented = train_transforms(32)(image)
+    augmented = hdkd_train_transforms(32)(image)
     assert augmented.shape == (3, 32, 32) and augmented.dtype == torch.float32
     assert eval_transforms(32)(image).shape == (3, 32, 32)
 

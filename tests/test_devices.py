@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 import kdkit
 from kdkit import Distiller, Supervised, TrainConfig, Trainer
-from kdkit.augment import batch_eval_transforms, batch_train_transforms
+from kdkit.augment import batch_eval_transforms
 from kdkit.data import ImageTensorDataset, make_loader
 from kdkit.explain import channel_mean_maps
+from kdkit_zoo.hdkd.augmentations import batch_hdkd_train_transforms
 from sync_counter import SyncCounter
 
 DEVICE = torch.device(os.environ.get("KDKIT_TEST_DEVICE", "cpu"))
@@ -52,7 +53,7 @@ def test_distiller_built_from_a_teacher_on_the_device_and_a_student_on_the_cpu()
 
 def test_batched_augmentation_runs_where_the_batch_is():
     batch = _images(8).as_uint8().images.to(DEVICE)
-    for transform in (batch_train_transforms(SIZE), batch_eval_transforms(SIZE)):
+    for transform in (batch_hdkd_train_transforms(SIZE), batch_eval_transforms(SIZE)):
         out = transform(batch)
         assert out.device.type == DEVICE.type and out.dtype == torch.float32 and out.shape == (8, 3, SIZE, SIZE)
         assert torch.isfinite(out).all()
@@ -64,7 +65,7 @@ def test_trainer_on_uint8_batches_with_device_augmentation(tmp_path):
     data = _images(32)
     config = TrainConfig(epochs=1, lr=1e-3, output_dir=tmp_path, progress=False, sched="none")
     trainer = Trainer(Supervised(model), config, class_names=data.classes,
-                      train_transform=batch_train_transforms(SIZE), eval_transform=batch_eval_transforms(SIZE))
+                      train_transform=batch_hdkd_train_transforms(SIZE), eval_transform=batch_eval_transforms(SIZE))
     loader: DataLoader = make_loader(data.as_uint8(), 16, train=True)
     result = trainer.fit(loader, make_loader(data.as_uint8(), 16, train=False))
     assert result.best_model_path is not None

@@ -1,0 +1,190 @@
+"""The command line of the HDKD experiment, behind ``examples/hdkd_brain.py`` and ``examples/hdkd_ham10000.py``.
+
+A preset (``--preset``; ``paper`` on a GPU, ``cpu`` without one) gives every setting it names;
+the flags given override it. :func:`main` parses, runs :func:`kdkit_zoo.hdkd.experiment.run_experiment`
+and prints the results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from accelerate import PartialState
+
+from kdkit import devices
+from kdkit.train import distributed_without_accelerator
+
+from .config import PRESETS, ExperimentConfig
+from .experiment import run_experiment
+from .report import results_markdown
+
+__all__ = ["build_parser", "config_from_args", "configure_logging", "main", "set_cpu_threads"]
+
+# The preset settings a flag of the same name overrides when given (the image budgets are
+# handled apart: their flag's "none" must override a preset's number).
+_PRESET_FLAGS = (
+    "image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision", "channels_last",
+    "checkpoint_every", "augment",
+)  # fmt: skip
+_BUDGET_FLAGS = ("teacher_image_budget", "student_image_budget")
+
+
+def _parse_sizes(text: str) -> list[int | None]:
+    return [None if item.strip() == "all" else int(item) for item in text.split(",") if item.strip()]
+
+
+def _parse_budget(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def build_parser(dataset: str) -> argparse.ArgumentParser:
+    """The command line shared by ``examples/hdkd_brain.py`` and ``examples/hdkd_ham10000.py``.
+
+    Args:
+        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``: the description and the default output folder.
+    """
+    parser = argparse.ArgumentParser(
+        description=f"HDKD on {dataset}: train the teacher, then the student with and without distillation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data-dir", help="data root holding the data set folder (default: $KDKIT_DATA_ROOT or ../shared/data)")
+    parser.add_argument("--output-dir", default=f"runs/hdkd_{'brain' if dataset == 'brain_tumor_mri' else dataset}")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="cpu: reduced resolution and epochs (default without a GPU); paper: 224 px, 200 epochs",
+    )
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--teacher-epochs", type=int)
+    parser.add_argument(
+        "--teacher-image-budget",
+        type=_parse_budget,
+        default=argparse.SUPPRESS,
+        help="the teacher trains the fewest epochs whose images reach N (at most --teacher-epochs); 'none': no budget",
+    )
+    parser.add_argument("--student-epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--sizes", type=_parse_sizes, help="images per class, e.g. 50,100,150,all")
+    parser.add_argument("--seeds", type=_parse_ints, help="e.g. 0,1,2")
+    parser.add_argument(
+        "--student-image-budget",
+        type=_parse_budget,
+        default=argparse.SUPPRESS,  # absent unless given: 'none' must override the preset
+        help="each student run trains the fewest epochs whose images reach N (at most --student-epochs); 'none': no budget",
+    )
+    parser.add_argument(
+        "--mixed-precision", choices=list(devices.MIXED_PRECISION_CHOICES),
+        help="auto: bf16 on a GPU that has it; accelerate launch --mixed_precision bf16/fp16 wins over the preset",
+    )
+    parser.add_argument("--checkpoint-every", type=int, help="epochs between the resumable checkpoints of each run")
+    parser.add_argument(
+        "--augment", choices=list(devices.AUGMENT_PLACES),
+        help="where the training augmentation runs: batched on the device, per image in the loader, or auto (device on a GPU)",
+    )
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="train in channels-last memory format"
+    )
+    parser.add_argument("--teacher-checkpoint", help="reuse a trained teacher (best_model.safetensors)")
+    parser.add_argument(
+        "--baselines",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=[],
+        help="timm models trained from scratch beside the students, e.g. mobilenetv2_100,efficientnet_b0,mobilevit_s",
+    )
+    parser.add_argument(
+        "--baseline-seeds", type=_parse_ints, help="train the baselines at these seeds only (default: every seed)"
+    )
+    parser.add_argument("--teacher-per-class", type=int, help="train the teacher on at most N images per class")
+    parser.add_argument("--kl-reduction", choices=["batchmean", "mean"], default="batchmean")
+    parser.add_argument("--smote", action=argparse.BooleanOptionalAction, default=None, help="SMOTE for the teacher")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: none on the CPU, several on a GPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per process (default: the available cores divided among the local processes)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --resume: report the finished runs, leave the unfinished ones out, train nothing",
+    )
+    return parser
+
+
+def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
+    """Merges the preset (``--preset``; by default ``paper`` on a GPU, ``cpu`` without) with the flags given.
+
+    Args:
+        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``.
+        args: What :func:`build_parser`'s parser returned.
+    """
+    preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
+    values: dict[str, object] = dict(PRESETS[preset])
+    for name in _PRESET_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for budget in _BUDGET_FLAGS:
+        if hasattr(args, budget):
+            values[budget] = getattr(args, budget)
+    return ExperimentConfig(
+        dataset=dataset,
+        output_dir=args.output_dir,
+        data_dir=args.data_dir,
+        teacher_checkpoint=args.teacher_checkpoint,
+        teacher_per_class=args.teacher_per_class,
+        kl_reduction=args.kl_reduction,
+        baselines=args.baselines,
+        baseline_seeds=args.baseline_seeds,
+        smote=args.smote,
+        workers=args.workers,
+        resume=args.resume,
+        finished_only=args.finished_only,
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """Sets torch's CPU threads: ``threads``, or the available cores shared by the local processes."""
+    # `accelerate launch` exports OMP_NUM_THREADS=1 when it cannot count physical cores, which
+    # halves CPU training speed on a two-core machine; share the available cores instead.
+    if threads is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux only
+        threads = max(1, cores // local_processes)
+    torch.set_num_threads(threads)
+
+
+def configure_logging() -> None:
+    """Logs kdkit's progress (one line per epoch and per finished run) with time stamps to stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+
+
+def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Parses the command line, runs the experiment and prints the results table.
+
+    Args:
+        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``.
+        argv: The arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    configure_logging()
+    args = build_parser(dataset).parse_args(argv)
+    set_cpu_threads(args.threads)
+    config = config_from_args(dataset, args)
+    results = run_experiment(config)
+    if PartialState(cpu=distributed_without_accelerator()).is_main_process:
+        print(results_markdown(results, config))
+        print(f"results written to {config.output_dir}")
+    return results

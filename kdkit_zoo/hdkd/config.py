@@ -1,0 +1,256 @@
+"""The settings of one HDKD experiment: the named presets and :class:`ExperimentConfig`.
+
+:data:`PRESETS` is the one table of defaults: every setting a preset names defaults, in
+:class:`ExperimentConfig`, to the ``cpu`` preset's value, so a config built in Python and the
+command line without ``--preset`` on a CPU train the same experiment.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+
+from kdkit import devices
+
+from .datasets import DATASETS
+
+__all__ = ["ARMS", "HDKD", "PRESETS", "STUDENT", "ExperimentConfig"]
+
+STUDENT = "student"
+"""The arm of the student trained alone: ``hdkd_student_nodistill``, cross-entropy only."""
+HDKD = "HDKD"
+"""The arm of the student distilled from the teacher: ``hdkd_student``, the HDKD objective."""
+ARMS = (STUDENT, HDKD)
+"""The two arms every size and seed trains, in the order they train and are reported."""
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Two CPU cores, about 45 minutes end to end: reduced resolution and epochs, bf16 autocast
+    # (1.5x the float32 distillation step on an AVX512-BF16 CPU), and a one-cycle AdamW
+    # teacher, which reaches a useful accuracy in few epochs where plain Adam does not.
+    # channels_last is off: under bf16 at 64 px it made the teacher's step 5.8% slower and
+    # helped neither student step (benchmarks/results/step_formats_64px).
+    "cpu": dict(
+        image_size=64,
+        batch_size=32,
+        teacher_epochs=8,
+        # Brain Tumor MRI's pool (about 5,100 images) keeps its 8 epochs; the SMOTE-balanced
+        # HAM10000 pool (about 38,700 images) trains 2 instead of 8, a quarter of the time.
+        teacher_image_budget=45_000,
+        student_epochs=30,
+        sizes=[50, 100, 150],
+        seeds=[0],
+        mixed_precision="bf16",  # the launcher's bf16/fp16 still wins (kdkit.devices)
+        channels_last=False,
+        checkpoint_every=2,
+        teacher_opt="adamw",
+        teacher_lr=3e-3,
+        teacher_sched="onecycle",
+        teacher_weight_decay=0.05,
+        student_opt="adamw",
+        student_lr=1e-3,
+        student_sched="cosine",
+        student_min_lr=1e-4,
+        student_warmup_epochs=2,
+        # The 150-per-class run's 18,000 training images: the whole set (about 5,100 images)
+        # then trains 4 epochs instead of 30, which two cores finish in minutes, not hours.
+        student_image_budget=18_000,
+    ),
+    # The paper's setting (224 px, 200 epochs, global batch 32), for GPUs: bf16 where the GPU
+    # has it (the launcher's choice wins), a resumable checkpoint every 10 epochs, not 200.
+    "paper": dict(
+        image_size=224,
+        batch_size=32,
+        teacher_epochs=200,
+        teacher_image_budget=None,
+        student_epochs=200,
+        sizes=[50, 100, 150, None],
+        seeds=[0, 1, 2],
+        mixed_precision="auto",
+        channels_last=False,
+        checkpoint_every=10,
+        teacher_opt="adam",
+        teacher_lr=1e-3,
+        teacher_sched="none",
+        teacher_weight_decay=0.0,
+        student_opt="adamw",
+        student_lr=5e-5,
+        student_sched="cosine",
+        student_min_lr=2e-5,
+        student_warmup_epochs=5,
+        student_image_budget=None,
+    ),
+}
+"""Named settings of :class:`ExperimentConfig`; ``cpu`` is the default without a GPU, and the
+default of every field it names."""
+
+
+def _cpu_preset(name: str) -> Any:
+    """A dataclass field defaulting to the ``cpu`` preset's ``name`` (a fresh copy of a list)."""
+    value = PRESETS["cpu"][name]
+    if isinstance(value, list):
+        return field(default_factory=functools.partial(list, value))
+    return field(default=value)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one HDKD experiment depends on.
+
+    Every setting that a preset names defaults to the ``cpu`` preset (:data:`PRESETS`).
+
+    Attributes:
+        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``.
+        output_dir: Where runs, checkpoints, ``results.json``, ``results.md`` and plots go.
+        data_dir: Data root (see :func:`kdkit_zoo.hdkd.datasets.resolve_data_root`).
+        image_size: Training and test resolution.
+        batch_size: The global batch size, split evenly across the processes of ``accelerate
+            launch`` (as the paper's 32 on one GPU); it must divide by their number.
+        teacher_epochs: Epochs of phase 1.
+        teacher_image_budget: Training images (epochs x set size, after SMOTE) after which the
+            teacher may stop: it trains the fewest epochs that reach the budget, at least one and
+            at most ``teacher_epochs``. ``None``: always ``teacher_epochs``.
+        student_epochs: Epochs of each phase-2 run.
+        sizes: Training images per class; ``None`` means the whole training pool.
+        seeds: Seeds of the per-class subsets and of the student runs.
+        mixed_precision: ``"auto"`` (bf16 on a GPU that has it, else fp16; none on the CPU),
+            ``"no"``, ``"bf16"`` or ``"fp16"``; the launcher's ``--mixed_precision bf16``/``fp16``
+            wins (:func:`kdkit.devices.resolve_mixed_precision`).
+        channels_last: Train in channels-last memory format.
+        checkpoint_every: Save each run's resumable checkpoint every this many epochs (and
+            after its last).
+        augment: Where the paper's training augmentation runs: ``"device"`` (batched on the
+            training device, each image its own random draw), ``"loader"`` (per image in the
+            loader) or ``"auto"`` (the device on a GPU, the loader on the CPU).
+        teacher_opt: timm optimizer name of phase 1.
+        teacher_lr: Peak learning rate of phase 1.
+        teacher_sched: timm scheduler name of phase 1, ``"onecycle"`` or ``"none"``.
+        teacher_weight_decay: Weight decay of phase 1.
+        student_opt: timm optimizer name of the students and baselines (the paper's AdamW).
+        student_lr: Peak learning rate of the students.
+        student_sched: timm scheduler name of the students (the paper's cosine).
+        student_min_lr: Final learning rate of the students' schedule.
+        student_warmup_epochs: Linear warm-up epochs of the students.
+        student_weight_decay: Weight decay of the students.
+        student_image_budget: The same budget for each student run: the fewest epochs that
+            reach it, at most ``student_epochs``. ``None`` trains every size for ``student_epochs``.
+        alpha: Weight ``a`` of the logit KL against cross-entropy.
+        temperature: KL temperature ``T``.
+        feature_weight: ``lambda``, the weight of the stage-weighted feature MSE.
+        stage_alpha: Stage ``j`` of the feature MSE weighs ``j ** stage_alpha``.
+        kl_reduction: ``"batchmean"``, or ``"mean"`` to also divide by the number of
+            classes as the HDKD authors' code does.
+        baselines: timm model names trained from scratch beside the students (the paper's
+            Table 5), on the same subsets with the non-distilled student's epochs, optimizer
+            and schedule.
+        baseline_seeds: The seeds at which the baselines train (a subset of ``seeds``);
+            ``None``: every seed.
+        teacher_per_class: Train the teacher on at most this many images per class (for quick
+            trials); ``None`` uses the whole training pool.
+        smote: Balance the teacher's training set with SMOTE (default: HAM10000 only).
+        val_fraction: Share of the training set held out for model selection.
+        teacher_checkpoint: Reuse a trained teacher (safetensors from a previous run).
+        resume: Continue interrupted runs and skip finished ones.
+        finished_only: Report only the runs that have finished and leave the others out,
+            training nothing (a report of a benchmark still running or cut short). Needs
+            ``resume`` and a finished teacher.
+        workers: DataLoader worker processes; ``None``: none on the CPU, several on a GPU
+            (:func:`kdkit.devices.default_workers`).
+        num_figure_images: Test images shown in the activation-map figure.
+    """
+
+    # The field order is the order of the settings in results.json's "config".
+    dataset: str = "brain_tumor_mri"
+    output_dir: str = "runs/hdkd_brain"
+    data_dir: str | None = None
+    image_size: int = _cpu_preset("image_size")
+    batch_size: int = _cpu_preset("batch_size")
+    teacher_epochs: int = _cpu_preset("teacher_epochs")
+    teacher_image_budget: int | None = _cpu_preset("teacher_image_budget")
+    student_epochs: int = _cpu_preset("student_epochs")
+    sizes: list[int | None] = _cpu_preset("sizes")
+    seeds: list[int] = _cpu_preset("seeds")
+    mixed_precision: str = _cpu_preset("mixed_precision")
+    channels_last: bool = _cpu_preset("channels_last")
+    checkpoint_every: int = _cpu_preset("checkpoint_every")
+    augment: str = "auto"
+    teacher_opt: str = _cpu_preset("teacher_opt")
+    teacher_lr: float = _cpu_preset("teacher_lr")
+    teacher_sched: str = _cpu_preset("teacher_sched")
+    teacher_weight_decay: float = _cpu_preset("teacher_weight_decay")
+    student_opt: str = _cpu_preset("student_opt")
+    student_lr: float = _cpu_preset("student_lr")
+    student_sched: str = _cpu_preset("student_sched")
+    student_min_lr: float = _cpu_preset("student_min_lr")
+    student_warmup_epochs: int = _cpu_preset("student_warmup_epochs")
+    student_weight_decay: float = 0.1
+    student_image_budget: int | None = _cpu_preset("student_image_budget")
+    alpha: float = 0.5
+    temperature: float = 1.0
+    feature_weight: float = 10.0
+    stage_alpha: float = 1.0
+    kl_reduction: str = "batchmean"
+    baselines: list[str] = field(default_factory=list)
+    baseline_seeds: list[int] | None = None
+    teacher_per_class: int | None = None
+    smote: bool | None = None
+    val_fraction: float = 0.1
+    teacher_checkpoint: str | None = None
+    resume: bool = False
+    finished_only: bool = False
+    workers: int | None = None
+    num_figure_images: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.smote is None:
+            self.smote = self.dataset == "ham10000"
+        if self.mixed_precision not in devices.MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {devices.MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        if self.augment not in devices.AUGMENT_PLACES:
+            raise ValueError(f"augment must be one of {devices.AUGMENT_PLACES}, got {self.augment!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not self.sizes or not self.seeds:
+            raise ValueError("at least one size and one seed are needed")
+        for name in ("sizes", "seeds", "baselines", "baseline_seeds"):
+            values = getattr(self, name) or []
+            if repeated := sorted({str(value) for value in values if values.count(value) > 1}):
+                raise ValueError(f"{name} lists {', '.join(repeated)} more than once")
+        if self.finished_only and not self.resume:
+            raise ValueError("finished_only reports the runs already in output_dir: it needs resume=True")
+        if unknown := [name for name in self.baselines if not timm.is_model(name)]:
+            raise ValueError(f"unknown timm baseline model(s) {unknown}; see timm.list_models()")
+        if self.baseline_seeds is not None:
+            if not self.baselines or not self.baseline_seeds:
+                raise ValueError("baseline_seeds needs baselines and at least one seed")
+            if stray := sorted(set(self.baseline_seeds) - set(self.seeds)):
+                raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
+        for name in ("teacher_image_budget", "student_image_budget"):
+            if (budget := getattr(self, name)) is not None and budget < 1:
+                raise ValueError(f"{name} must be positive or None, got {budget}")
+
+    def teacher_epochs_for(self, num_images: int) -> int:
+        """Epochs of the teacher on ``num_images`` images under :attr:`teacher_image_budget`."""
+        return _epochs_reaching(self.teacher_image_budget, self.teacher_epochs, num_images)
+
+    def student_epochs_for(self, num_images: int) -> int:
+        """Epochs of a student run on ``num_images`` images under :attr:`student_image_budget`."""
+        return _epochs_reaching(self.student_image_budget, self.student_epochs, num_images)
+
+
+def _epochs_reaching(budget: int | None, epochs: int, num_images: int) -> int:
+    """``epochs``, or fewer: the fewest whole passes over ``num_images`` that reach ``budget`` images.
+
+    The last pass may overshoot the budget (5,137 images and a budget of 18,000: 4 epochs,
+    20,548 images), so that no run sees fewer images than the budget.
+    """
+    if budget is None:
+        return epochs
+    return max(1, min(epochs, math.ceil(budget / num_images)))

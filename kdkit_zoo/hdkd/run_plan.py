@@ -1,0 +1,105 @@
+"""The runs an HDKD experiment plans, and the checks that they can all train before any does.
+
+Phase 2 trains, for every size and seed, one balanced subset of the training pool, on which the
+student alone, HDKD and any baselines train (:func:`plan_runs`). Before anything trains, every
+planned run must get an optimizer step on every process (:func:`check_runs_fit`) and every
+baseline must take the image size (:func:`check_baselines_take`): a failure is reported at the
+start, not at the twentieth run, hours in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+
+from kdkit.data import ImageTensorDataset, balanced_subset_indices
+from kdkit.plan import PlannedTraining, check_plan
+
+from .config import ARMS, ExperimentConfig
+from .report import size_label
+
+__all__ = ["PlannedRun", "check_baselines_take", "check_runs_fit", "plan_runs", "teacher_set_size"]
+
+
+@dataclass
+class PlannedRun:
+    """One phase-2 run: an arm trained on the subset of one size and seed.
+
+    Attributes:
+        name: Its output folder and claim, e.g. ``"hdkd_50_seed0"``.
+        arm: :data:`~kdkit_zoo.hdkd.config.STUDENT`, :data:`~kdkit_zoo.hdkd.config.HDKD` or a
+            baseline's timm name.
+        size: Training images per class; ``None``: the whole pool.
+        seed: Seed of the subset and of the run.
+        subset: Its training images.
+    """
+
+    name: str
+    arm: str
+    size: int | None
+    seed: int
+    subset: ImageTensorDataset
+
+
+def plan_runs(config: ExperimentConfig, pool: ImageTensorDataset) -> list[PlannedRun]:
+    """Phase 2's runs, in the order they train and are reported: per size, per seed, the arms then the baselines.
+
+    The subsets of one seed are nested across sizes (:func:`kdkit.data.balanced_subset_indices`),
+    and every arm of a size and seed trains on the same images.
+    """
+    planned: list[PlannedRun] = []
+    for size in config.sizes:
+        for seed in config.seeds:
+            subset = pool.subset(balanced_subset_indices(pool.labels.numpy(), size, seed))
+            baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
+            for arm in (*ARMS, *baselines):
+                planned.append(PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
+    return planned
+
+
+def teacher_set_size(pool: ImageTensorDataset, config: ExperimentConfig) -> int:
+    """The teacher's training images per epoch, known before SMOTE makes them (every class at the largest's size)."""
+    labels = pool.labels.numpy()
+    if config.teacher_per_class is not None:
+        labels = labels[balanced_subset_indices(labels, config.teacher_per_class, 0)]
+    counts = np.bincount(labels)
+    return int(counts.max()) * int((counts > 0).sum()) if config.smote else len(labels)
+
+
+def check_runs_fit(config: ExperimentConfig, pool: ImageTensorDataset, planned: Sequence[PlannedRun], num_processes: int) -> None:
+    """Checks that the teacher (unless reused) and every planned run get a step on every process.
+
+    Raises:
+        kdkit.plan.PlanError: A run too small for the processes, or a batch that does not split
+            across them (:func:`kdkit.plan.check_plan`).
+    """
+    check_plan(
+        ([] if config.teacher_checkpoint else [PlannedTraining("teacher", teacher_set_size(pool, config))])
+        + [PlannedTraining(run.name, len(run.subset)) for run in planned],
+        batch_size=config.batch_size,
+        num_processes=num_processes,
+    )
+
+
+def check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
+    """Fails before anything trains if a baseline cannot take ``image_size`` images (a ViT built for 224 px).
+
+    The check runs a forward pass on the ``meta`` device: shapes only, no memory or compute.
+
+    Raises:
+        ValueError: A baseline fails on ``image_size`` images; the message names it and its error.
+    """
+    for name in baselines:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=2).eval()  # batch norm over one image trains on nothing
+        try:
+            model(torch.empty(1, 3, image_size, image_size, device="meta"))
+        except Exception as error:  # whatever the model raises on the wrong size
+            raise ValueError(
+                f"baseline {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
+                "choose a model without a fixed input size, or another --image-size"
+            ) from error

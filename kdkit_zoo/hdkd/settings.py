@@ -1,0 +1,70 @@
+"""The settings record of an experiment, ``experiment.json``, and the check that a resume keeps them.
+
+Each run's checkpoint refuses another training setup, but the loss weights, the teacher, the
+image size of a convolutional network and the data split lie outside it: resumed with other
+values, finished runs would be reported under settings they were not trained with. The first
+invocation in an output folder therefore records the settings that define the results, and
+every ``resume`` must match them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from kdkit import devices
+from kdkit.checkpoint import atomic_write_text
+from kdkit.train import ResumeError
+
+from .config import ExperimentConfig
+
+__all__ = ["EXPERIMENT_FILE", "check_same_settings", "defining_settings"]
+
+EXPERIMENT_FILE = "experiment.json"
+"""The file in the output folder that records the settings an experiment's runs were trained with."""
+
+# Fields free to change between the invocations of one experiment: where files are, how it runs,
+# which runs it adds (sizes, seeds, baselines) and whether it only reports.
+_INVOCATION_FIELDS = frozenset(
+    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers",
+     "num_figure_images", "checkpoint_every", "augment"}
+)
+
+# What the experiments recorded before a setting existed did: compared as these values. The
+# students' optimizer and schedule were AdamW and cosine before they became settings.
+_BEFORE_RECORDED = {"augment_on_device": False, "student_opt": "adamw", "student_sched": "cosine"}
+
+
+def defining_settings(config: ExperimentConfig) -> dict[str, object]:
+    """The settings that define an experiment's results, as they read back from JSON."""
+    defining = {name: value for name, value in dataclasses.asdict(config).items() if name not in _INVOCATION_FIELDS}
+    # Where augmentation runs changes the random draws; `augment="auto"` means another place on
+    # another machine, so the place itself is recorded.
+    defining["augment_on_device"] = devices.augment_on_device(config.augment)
+    return json.loads(json.dumps(defining))
+
+
+def check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
+    """Records the experiment's settings in ``experiment.json``; a resume must match them.
+
+    Args:
+        config: The experiment about to run.
+        output_dir: Its output folder.
+
+    Raises:
+        ResumeError: ``resume`` with settings other than the recorded ones, all of them listed.
+    """
+    path = output_dir / EXPERIMENT_FILE
+    settings = defining_settings(config)
+    if config.resume and path.is_file():
+        recorded = {**_BEFORE_RECORDED, **json.loads(path.read_text(encoding="utf-8"))}
+        # Only the recorded fields: a field added to kdkit since keeps its old behaviour by default.
+        if changed := sorted(name for name in recorded.keys() & settings.keys() if recorded[name] != settings[name]):
+            raise ResumeError(
+                f"cannot resume the experiment in {output_dir} with other settings than {path} records: "
+                + "; ".join(f"{name} {recorded[name]!r} there, {settings[name]!r} now" for name in changed)
+                + ". Pass the recorded values, or give this experiment another output folder (--output-dir)"
+            )
+        return
+    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")

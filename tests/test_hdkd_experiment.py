@@ -1,0 +1,319 @@
+"""The HDKD experiment (kdkit_zoo.hdkd): its configuration and presets, command line, run
+claims, settings record, report cells and plan check, and the import boundary with kdkit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import requires_real_data
+
+from kdkit.data import ImageTensorDataset
+from kdkit.plan import PlanError
+from kdkit.train import ResumeError
+from kdkit_zoo.hdkd import experiment
+from kdkit_zoo.hdkd.claims import RunClaims
+from kdkit_zoo.hdkd.cli import build_parser, config_from_args
+from kdkit_zoo.hdkd.config import PRESETS, ExperimentConfig
+from kdkit_zoo.hdkd.report import summary_cell
+from kdkit_zoo.hdkd.settings import EXPERIMENT_FILE, check_same_settings, defining_settings
+from kdkit_zoo.hdkd.training import student_train_config, teacher_train_config
+
+
+def test_flags_reach_the_config():
+    args = build_parser("brain_tumor_mri").parse_args(["--preset", "paper", "--sizes", "50,all", "--seeds", "1,2"])
+    config = config_from_args("brain_tumor_mri", args)
+    assert (config.image_size, config.student_epochs, config.sizes, config.seeds) == (224, 200, [50, None], [1, 2])
+    assert config.teacher_opt == "adam" and config.teacher_lr == 1e-3 and not config.smote
+    with_baselines = build_parser("brain_tumor_mri").parse_args(
+        ["--seeds", "0,1,2", "--baselines", "resnet10t,mobilenetv2_100", "--baseline-seeds", "0"]
+    )
+    config = config_from_args("brain_tumor_mri", with_baselines)
+    assert (config.baselines, config.baseline_seeds) == (["resnet10t", "mobilenetv2_100"], [0])
+    ham = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "cpu"]))
+    assert ham.smote and ham.image_size == 64 and ham.channels_last == PRESETS["cpu"]["channels_last"]
+    for flag, value in (("--channels-last", True), ("--no-channels-last", False)):
+        assert config_from_args("ham10000", build_parser("ham10000").parse_args([flag])).channels_last is value
+
+
+def test_image_budgets_shorten_only_large_sets():
+    config = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--preset", "cpu"]))
+    assert config.student_image_budget == 18_000
+    assert [config.student_epochs_for(n) for n in (200, 600, 5137, 10**6)] == [30, 30, 4, 1]
+    # The teacher: the Brain Tumor MRI pool keeps its 8 epochs, the SMOTE-balanced HAM10000 pool gets 2.
+    assert [config.teacher_epochs_for(n) for n in (5137, 38_720)] == [8, 2]
+    uncapped = build_parser("brain_tumor_mri").parse_args(
+        ["--preset", "cpu", "--student-image-budget", "none", "--teacher-image-budget", "none"]
+    )
+    uncapped_config = config_from_args("brain_tumor_mri", uncapped)
+    assert uncapped_config.student_epochs_for(5137) == 30 and uncapped_config.teacher_epochs_for(38_720) == 8
+    paper = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "paper"]))
+    assert paper.teacher_epochs_for(38_720) == 200
+    with pytest.raises(ValueError, match="student_image_budget"):
+        ExperimentConfig(student_image_budget=0)
+    with pytest.raises(ValueError, match="teacher_image_budget"):
+        ExperimentConfig(teacher_image_budget=-5)
+    with pytest.raises(ValueError, match=r"unknown timm baseline model\(s\) \['mobilenet_v9'\]"):
+        ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
+    with pytest.raises(ValueError, match="finished_only .* needs resume=True"):
+        ExperimentConfig(finished_only=True)
+    with pytest.raises(ValueError, match=r"baseline_seeds \[3\] are not among the seeds \[0, 1\]"):
+        ExperimentConfig(seeds=[0, 1], baselines=["resnet10t"], baseline_seeds=[1, 3])
+    with pytest.raises(ValueError, match="baseline_seeds needs baselines and at least one seed"):
+        ExperimentConfig(baseline_seeds=[0])
+    with pytest.raises(ValueError, match="baseline_seeds needs baselines and at least one seed"):
+        ExperimentConfig(baselines=["resnet10t"], baseline_seeds=[])
+    with pytest.raises(ValueError, match="seeds lists 0 more than once"):
+        ExperimentConfig(seeds=[0, 1, 0])
+    with pytest.raises(ValueError, match="sizes lists None more than once"):
+        ExperimentConfig(sizes=[50, None, None])
+
+
+def test_a_run_cut_to_one_epoch_has_no_warm_up(tmp_path):
+    config = ExperimentConfig(student_epochs=30, student_warmup_epochs=2, student_image_budget=18_000)
+    warmups = {n: student_train_config(config, tmp_path, seed=0, num_images=n) for n in (200, 5137, 10**6)}
+    assert [(c.epochs, c.warmup_epochs) for c in warmups.values()] == [(30, 2), (4, 1), (1, 0)]
+
+
+def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
+    assert summary_cell([], 3) == "-"
+    assert summary_cell([70.0], 1) == "70.00"
+    assert summary_cell([70.0], 3) == "70.00 (1 seed)"
+    assert summary_cell([70.0, 74.0], 3) == "72.00 ± 2.83 (2 seeds)"
+    assert summary_cell([70.0, 74.0, 72.0], 3) == "72.00 ± 2.00"
+
+
+# Another worker: joins the folder (with or without resume), claims the runs named, and waits.
+_OTHER_WORKER = """
+import sys, time
+from pathlib import Path
+from kdkit_zoo.hdkd.claims import RunClaims
+folder, mode, *names = sys.argv[1:]
+claims = RunClaims(Path(folder))
+claims.join(resume=mode == "resume")
+assert all(claims.acquire(name) for name in names)
+print("ready", flush=True)
+time.sleep(600)
+"""
+requires_locks = pytest.mark.skipif(sys.platform == "win32", reason="no POSIX file locks")
+
+
+@contextlib.contextmanager
+def _other_worker(folder, mode, *names):
+    worker = subprocess.Popen([sys.executable, "-c", _OTHER_WORKER, str(folder), mode, *names], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        yield worker
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+@requires_locks
+def test_run_claims_exclude_other_workers_until_they_exit(tmp_path):
+    mine = RunClaims(tmp_path)
+    mine.join(resume=True)
+    with _other_worker(tmp_path, "resume", "teacher") as other:
+        assert not mine.acquire("teacher") and mine.acquire("student_50_seed0")
+        assert mine.holder("teacher") == f"pid {other.pid} on {socket.gethostname()}"
+        mine.release("student_50_seed0")
+    assert mine.acquire("teacher")  # killed, however it died: its claims are gone
+
+
+@requires_locks
+def test_workers_with_and_without_resume_do_not_share_a_folder(tmp_path):
+    with _other_worker(tmp_path / "a", "resume"), pytest.raises(RuntimeError, match="start this one with resume"):
+        RunClaims(tmp_path / "a").join(resume=False)
+    with _other_worker(tmp_path / "b", "fresh"), pytest.raises(RuntimeError, match="a worker without resume is training"):
+        RunClaims(tmp_path / "b").join(resume=True)
+    with _other_worker(tmp_path / "c", "fresh"), pytest.raises(RuntimeError, match="without resume is training.*wait for it"):
+        RunClaims(tmp_path / "c").join(resume=False)
+
+
+@requires_locks
+def test_a_resume_must_keep_the_experiments_settings(tmp_path):
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    # Each call stops at loading the (missing) data: after the settings check, which comes first.
+    with pytest.raises(FileNotFoundError):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), resume=False))
+    recorded = json.loads((tmp_path / EXPERIMENT_FILE).read_text())
+    assert recorded["alpha"] == 0.5 and recorded["image_size"] == 32 and "seeds" not in recorded
+    with pytest.raises(ResumeError, match=r"alpha 0.5 there, 0.7 now; image_size 32 there, 48 now\. Pass the recorded"):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, image_size=48))
+    # more seeds, sizes or baselines, and a report of what finished, extend the same experiment
+    with pytest.raises(FileNotFoundError):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), seeds=[0, 1], sizes=[4, 8], finished_only=True))
+    # where augmentation runs is recorded as a place, not as "auto" (which moves with the machine);
+    # an experiment recorded before the place was is taken as augmenting in the loader
+    assert recorded["augment_on_device"] is False
+    with pytest.raises(ResumeError, match=r"augment_on_device False there, True now"):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), augment="device"))
+    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps({k: v for k, v in recorded.items() if k != "augment_on_device"}))
+    with pytest.raises(ResumeError, match=r"augment_on_device False there, True now"):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), augment="device"))
+    # starting afresh records the new settings
+    with pytest.raises(FileNotFoundError):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, resume=False))
+    assert json.loads((tmp_path / EXPERIMENT_FILE).read_text())["alpha"] == 0.7
+    # a baseline that cannot take the image size stops the experiment before anything trains
+    with pytest.raises(ValueError, match=r"baseline 'deit_tiny_patch16_224' cannot take 32 x 32 images \(AssertionError"):
+        experiment.run_experiment(_tiny_experiment(tmp_path, data_dir=str(no_data), alpha=0.7, baselines=["deit_tiny_patch16_224", "resnet10t"]))
+    # the experiment's lock went with the call: a worker without resume may take the folder
+    with _other_worker(tmp_path / ".claims", "fresh"):
+        pass
+
+
+def _tiny_experiment(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), image_size=32, teacher_epochs=1, student_epochs=1, sizes=[4], seeds=[0],
+        batch_size=8, teacher_per_class=8, mixed_precision="no", channels_last=False, resume=True,
+    )  # fmt: skip
+    return ExperimentConfig(**{**settings, **overrides})
+
+
+@pytest.mark.slow
+@requires_locks
+@requires_real_data("brain_tumor_mri")
+def test_a_worker_takes_the_runs_nobody_holds_and_the_rest_when_freed(tmp_path, monkeypatch):
+    trained_before_waiting = []
+    with _other_worker(tmp_path / ".claims", "resume", "teacher", "student_4_seed0") as other:
+
+        def other_worker_dies():  # its claims drop with it: this worker takes its runs over
+            trained_before_waiting.append(sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != ".claims"))
+            other.kill()
+            other.wait()
+
+        monkeypatch.setattr(experiment, "_wait_for_other_workers", other_worker_dies)
+        results = experiment.run_experiment(_tiny_experiment(tmp_path, baselines=["resnet10t"]))
+    # Only the baseline was free (the student alone is held, HDKD needs the held teacher); the
+    # rest trained once the other worker had gone, and the report keeps the planned order.
+    assert trained_before_waiting == [["resnet10t_4_seed0"]]
+    assert [run["model"] for run in results["runs"]] == ["student", "HDKD", "resnet10t"]
+    assert (tmp_path / "teacher" / "best_model.safetensors").exists()
+    figures = ("teacher_curves", "activation_maps", "accuracy_vs_size", "confusion_hdkd_4_seed0")
+    assert all((tmp_path / f"{name}.png").stat().st_size > 1000 for name in figures)
+
+    # The trained teacher, reused by a new experiment: tested, not trained again.
+    teacher_file = tmp_path / "teacher" / "best_model.safetensors"
+    reused = experiment.run_experiment(_tiny_experiment(tmp_path / "reuse", teacher_checkpoint=str(teacher_file), resume=False))
+    assert reused["teacher"] == results["teacher"] and len(reused["runs"]) == 2
+    assert not (tmp_path / "reuse" / "teacher").exists()
+
+    # A report while only the teacher has finished at the sizes asked for: tables, no size plot.
+    early = experiment.run_experiment(_tiny_experiment(tmp_path, sizes=[6], finished_only=True))
+    assert early["runs"] == [] and early["unfinished"] == ["student_6_seed0", "hdkd_6_seed0"]
+
+
+def test_the_experiment_checks_its_plan_for_every_process_before_training(tmp_path, monkeypatch):
+    """8 processes and 1 image per class: every run is named, with its size, and nothing trains."""
+
+    def tiny_splits(config):
+        images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+        data = ImageTensorDataset(images, torch.arange(48) % 4, ["a", "b", "c", "d"])
+        return {"train": data, "test": data.subset(range(8))}
+
+    monkeypatch.setattr(experiment, "_load_splits", tiny_splits)
+    config = _tiny_experiment(tmp_path, sizes=[1, 8], batch_size=8, resume=False)
+    eight = SimpleNamespace(num_processes=8, is_main_process=True, process_index=0)
+    with pytest.raises(PlanError) as error:
+        experiment._run_joined(config, RunClaims(tmp_path / ".claims"), tmp_path, eight)
+    message = str(error.value)
+    assert "student_1_seed0" in message and "hdkd_1_seed0" in message and "4 training image(s) for 8 process(es)" in message
+    assert "student_8_seed0" not in message and "teacher" not in message
+    assert not (tmp_path / "teacher").exists()
+    with pytest.raises(PlanError, match="global batch size 8 does not divide evenly across 3 processes"):
+        experiment._run_joined(config, RunClaims(tmp_path / ".claims"), tmp_path, SimpleNamespace(num_processes=3, is_main_process=True))
+
+
+# --------------------------------------------------------------------------- one table of defaults
+
+# The presets as they were when the experiment moved from the kdkit package to the zoo, plus the
+# students' optimizer and schedule, hard-coded there: a changed value changes every result.
+PINNED_PRESETS = {
+    "cpu": dict(
+        image_size=64, batch_size=32, teacher_epochs=8, teacher_image_budget=45_000, student_epochs=30, sizes=[50, 100, 150],
+        seeds=[0], mixed_precision="bf16", channels_last=False, checkpoint_every=2, teacher_opt="adamw", teacher_lr=3e-3,
+        teacher_sched="onecycle", teacher_weight_decay=0.05, student_opt="adamw", student_lr=1e-3, student_sched="cosine",
+        student_min_lr=1e-4, student_warmup_epochs=2, student_image_budget=18_000,
+    ),
+    "paper": dict(
+        image_size=224, batch_size=32, teacher_epochs=200, teacher_image_budget=None, student_epochs=200,
+        sizes=[50, 100, 150, None], seeds=[0, 1, 2], mixed_precision="auto", channels_last=False, checkpoint_every=10,
+        teacher_opt="adam", teacher_lr=1e-3, teacher_sched="none", teacher_weight_decay=0.0, student_opt="adamw",
+        student_lr=5e-5, student_sched="cosine", student_min_lr=2e-5, student_warmup_epochs=5, student_image_budget=None,
+    ),
+}  # fmt: skip
+
+
+def test_the_presets_keep_their_values():
+    assert PRESETS == PINNED_PRESETS
+
+
+def test_the_config_defaults_are_the_cpu_preset():
+    default = ExperimentConfig()
+    assert {name: getattr(default, name) for name in PRESETS["cpu"]} == PRESETS["cpu"]
+    # a preset may only name fields, and both name the same ones: none falls back to a default of the other
+    assert set(PRESETS["paper"]) == set(PRESETS["cpu"]) <= set(vars(default))
+    # the list defaults are copies: a config's own sizes do not change the preset or the next config
+    default.sizes.append(200)
+    assert PRESETS["cpu"]["sizes"] == [50, 100, 150] and ExperimentConfig().sizes == [50, 100, 150]
+    # so the command line's cpu preset and a config built in Python are the same experiment
+    from_flags = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--preset", "cpu"]))
+    assert from_flags == ExperimentConfig()
+
+
+def test_the_runs_train_with_the_configs_optimizers(tmp_path):
+    paper = ExperimentConfig(**PRESETS["paper"])
+    teacher = teacher_train_config(paper, tmp_path, num_images=100)
+    assert (teacher.opt, teacher.lr, teacher.sched, teacher.weight_decay, teacher.epochs) == ("adam", 1e-3, "none", 0.0, 200)
+    student = student_train_config(paper, tmp_path, seed=2, num_images=100)
+    assert (student.opt, student.sched, student.lr, student.min_lr, student.warmup_epochs) == ("adamw", "cosine", 5e-5, 2e-5, 5)
+    assert (student.weight_decay, student.seed, student.select_metric) == (0.1, 2, "accuracy")
+    sgd = student_train_config(ExperimentConfig(dataset="ham10000", student_opt="sgd", student_sched="step"), tmp_path, 0, 100)
+    assert (sgd.opt, sgd.sched, sgd.select_metric) == ("sgd", "step", "balanced_accuracy")
+
+
+def test_experiments_recorded_before_the_students_optimizer_was_a_setting_still_resume(tmp_path):
+    config = ExperimentConfig(output_dir=str(tmp_path), resume=True)
+    settings = defining_settings(config)
+    # the settings recorded before the move to the zoo, and the two that joined them
+    assert set(settings) == {
+        "alpha", "augment_on_device", "batch_size", "channels_last", "dataset", "feature_weight", "image_size", "kl_reduction",
+        "mixed_precision", "smote", "stage_alpha", "student_epochs", "student_image_budget", "student_lr", "student_min_lr",
+        "student_opt", "student_sched", "student_warmup_epochs", "student_weight_decay", "teacher_checkpoint", "teacher_epochs",
+        "teacher_image_budget", "teacher_lr", "teacher_opt", "teacher_per_class", "teacher_sched", "teacher_weight_decay",
+        "temperature", "val_fraction",
+    }  # fmt: skip
+    older = {name: value for name, value in settings.items() if name not in ("student_opt", "student_sched")}
+    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps(older))
+    check_same_settings(config, tmp_path)  # AdamW and cosine, as every run before was trained
+    with pytest.raises(ResumeError, match=r"student_opt 'adamw' there, 'sgd' now"):
+        check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, student_opt="sgd"), tmp_path)
+
+
+# --------------------------------------------------------------------------- the import boundary
+
+_IMPORT_BOUNDARY = """
+import importlib, pkgutil, sys
+import kdkit_zoo.hdkd.model
+assert not [name for name in sys.modules if name.split(".")[0] == "kdkit"], "the HDKD models import kdkit"
+import kdkit
+for module in pkgutil.iter_modules(kdkit.__path__, "kdkit."):
+    importlib.import_module(module.name)
+imported = sorted(name for name in sys.modules if name.startswith("kdkit_zoo.") and name not in ("kdkit_zoo.hdkd", "kdkit_zoo.hdkd.model"))
+assert imported == [], f"kdkit imports the experiment: {imported}"
+"""
+
+
+def test_no_import_cycle_between_kdkit_and_the_zoo():
+    """The models import nothing of kdkit (which imports them); kdkit imports no experiment module."""
+    for code in (_IMPORT_BOUNDARY, "import kdkit_zoo.hdkd.cli", "import kdkit_zoo.hdkd.experiment; import kdkit"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
