@@ -37,6 +37,11 @@ def parse_taps(text: str) -> list[str | int]:
     return [int(item) if item.lstrip("-").isdigit() else item for item in text.split(",") if item.strip()]
 
 
+def sized_for(model_name: str, image_size: int) -> dict[str, int]:
+    """The HDKD students size their position embeddings by the input: build them for ``--image-size``."""
+    return {"img_size": image_size} if model_name.startswith("hdkd_student") else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="image-folder data set")
@@ -74,7 +79,7 @@ def main() -> None:
     def config(name: str, epochs: int) -> kdkit.TrainConfig:
         return kdkit.TrainConfig(epochs=epochs, lr=args.lr, warmup_epochs=min(2, epochs - 1), output_dir=str(output / name))
 
-    teacher = timm.create_model(args.teacher, num_classes=len(classes))
+    teacher = timm.create_model(args.teacher, num_classes=len(classes), **sized_for(args.teacher, args.image_size))
     if args.teacher_checkpoint:
         kdkit.load_model(teacher, args.teacher_checkpoint, expected_classes=classes)
     else:
@@ -85,7 +90,7 @@ def main() -> None:
     taps = None
     if args.teacher_taps:
         taps = {"teacher": args.teacher_taps, "student": args.student_taps or args.teacher_taps}
-    student = timm.create_model(args.student, num_classes=len(classes))
+    student = timm.create_model(args.student, num_classes=len(classes), **sized_for(args.student, args.image_size))
     distiller = kdkit.Distiller(teacher, student, losses=args.losses, taps=taps, input_size=args.image_size)
     print(distiller.extra_repr())
     trainer = kdkit.Trainer(distiller, config("student", args.epochs), class_names=classes)

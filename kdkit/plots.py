@@ -152,11 +152,12 @@ def plot_accuracy_vs_size(
     path: str | os.PathLike,
     metric: str = "accuracy",
     baselines: Sequence[Mapping[str, Any]] = (),
+    labels: tuple[str, str] = ("student (no distillation)", "HDKD"),
 ) -> Path:
     """Plot a metric against training images per class, mean ± std over seeds (HDKD Figure 3).
 
-    One line for the student trained without distillation, one for HDKD, and a dashed line of
-    means per baseline model (the paper's Table 5 models trained from scratch).
+    One line for the student trained without distillation, one for the distilled student, and a
+    dashed line of means per baseline model (the paper's Table 5 models trained from scratch).
 
     Args:
         runs: One mapping per run: ``{"size": 50 | "all", "seed": 0, "distill": bool,
@@ -164,6 +165,7 @@ def plot_accuracy_vs_size(
         path: Output PNG.
         metric: Key of the value to plot.
         baselines: Runs of other models, each with ``"model"``, ``"size"`` and ``metric``.
+        labels: Legend labels of the student alone and the distilled student.
 
     Raises:
         ValueError: No runs, a run lacking a key, or a size that is neither int nor ``"all"``.
@@ -188,7 +190,7 @@ def plot_accuracy_vs_size(
 
     figure = Figure(figsize=(6.5, 5.0), layout="constrained")
     axes = figure.subplots()
-    lines = ((False, "student (no distillation)", "tab:blue"), (True, "HDKD", "tab:red"))
+    lines = ((False, labels[0], "tab:blue"), (True, labels[1], "tab:red"))
     handles = []
     for distill, label, colour in lines:
         x, values = _values_by_size([run for run in runs if bool(run["distill"]) == distill], position, metric)

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -217,7 +218,7 @@ def test_the_experiment_checks_its_plan_for_every_process_before_training(tmp_pa
     def tiny_splits(config):
         images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
         data = ImageTensorDataset(images, torch.arange(48) % 4, ["a", "b", "c", "d"])
-        return {"train": data, "test": data.subset(range(8))}
+        return {"train": data, "test": data.subset(range(8))}, {"dataset": "tiny"}
 
     monkeypatch.setattr(experiment, "_load_splits", tiny_splits)
     config = _tiny_experiment(tmp_path, sizes=[1, 8], batch_size=8, resume=False)
@@ -290,10 +291,15 @@ def test_experiments_recorded_before_the_students_optimizer_was_a_setting_still_
         "student_opt", "student_sched", "student_warmup_epochs", "student_weight_decay", "teacher_checkpoint", "teacher_epochs",
         "teacher_image_budget", "teacher_lr", "teacher_opt", "teacher_per_class", "teacher_sched", "teacher_weight_decay",
         "temperature", "val_fraction",
+        # the experiment on any data set and model pair
+        "test_fraction", "teacher_model", "student_model", "alone_model", "taps", "select_metric",
     }  # fmt: skip
-    older = {name: value for name, value in settings.items() if name not in ("student_opt", "student_sched")}
+    added_since = ("student_opt", "student_sched", "test_fraction", "teacher_model", "student_model", "alone_model", "taps", "select_metric")
+    older = {name: value for name, value in settings.items() if name not in added_since}
     (tmp_path / EXPERIMENT_FILE).write_text(json.dumps(older))
-    check_same_settings(config, tmp_path)  # AdamW and cosine, as every run before was trained
+    check_same_settings(config, tmp_path)  # AdamW and cosine, the HDKD pair, as every run before was trained
+    with pytest.raises(ResumeError, match=r"teacher_model 'hdkd_teacher' there, 'resnet10t' now"):
+        check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, teacher_model="resnet10t"), tmp_path)
     with pytest.raises(ResumeError, match=r"student_opt 'adamw' there, 'sgd' now"):
         check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, student_opt="sgd"), tmp_path)
 
@@ -317,3 +323,148 @@ def test_no_import_cycle_between_kdkit_and_the_zoo():
     for code in (_IMPORT_BOUNDARY, "import kdkit_zoo.hdkd.cli", "import kdkit_zoo.hdkd.experiment; import kdkit"):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- your own data set
+def _class_folders(root, classes=("alpha", "beta", "gamma"), per_class=15, size=24):
+    """Class folders of small PNGs, each class its own colour (learnable, and distinct)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for item in range(per_class):
+            pixels = generator.integers(0, 80, (size, size, 3), dtype=np.uint8)
+            pixels[..., index] += 150
+            Image.fromarray(pixels).save(folder / f"{name}_{item:02d}.png")
+    return root
+
+
+def test_select_metric_follows_the_class_balance_and_sizes_are_capped_with_a_note():
+    import numpy as np
+
+    assert experiment.select_metric_for(np.array([0] * 10 + [1] * 15)) == "accuracy"
+    assert experiment.select_metric_for(np.array([0] * 10 + [1] * 16)) == "balanced_accuracy"
+    pool = ImageTensorDataset(torch.zeros(12, 3, 8, 8, dtype=torch.uint8), [0] * 8 + [1] * 4, ["big", "small"])
+    config = ExperimentConfig(dataset=None, data="x", sizes=[3, 5, None])
+    assert experiment._size_notes(config, pool) == [
+        "5 images per class: class 'small' has 4 in the training pool, so its subsets hold all 4 of them"
+    ]
+
+
+def test_the_brain_tumor_folder_itself_is_a_data_dir(tmp_path):
+    from kdkit_zoo.hdkd.datasets import dataset_dir
+
+    for split in ("Training", "Testing"):
+        (tmp_path / "brain_tumor_mri" / split).mkdir(parents=True)
+    assert dataset_dir("brain_tumor_mri", tmp_path) == tmp_path / "brain_tumor_mri"
+    assert dataset_dir("brain_tumor_mri", tmp_path / "brain_tumor_mri") == tmp_path / "brain_tumor_mri"
+
+
+def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
+    """No preset data set: the classes, sizes and split come from the folder, the models from the flags."""
+    data = _class_folders(tmp_path / "images")
+    args = build_parser(None).parse_args([
+        "--data", str(data), "--output-dir", str(tmp_path / "run"), "--preset", "cpu", "--image-size", "32",
+        "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "3,20", "--seeds", "0", "--batch-size", "8",
+        "--teacher", "resnet10t", "--student", "resnet10t", "--taps", "layer2,layer3", "--mixed-precision", "no",
+        "--figure-tap", "teacher=layer3,student=layer2",
+    ])
+    config = config_from_args(None, args)
+    results = experiment.run_experiment(config)
+    assert results["config"]["classes"] == ["alpha", "beta", "gamma"]
+    assert [(run["model"], run["size"]) for run in results["runs"]] == [("student", 3), ("HDKD", 3), ("student", 20), ("HDKD", 20)]
+    assert results["data"]["layout"] == "class folders" and results["data"]["seed"] == 0
+    assert results["notes"] and "20 images per class" in results["notes"][0]
+    assert results["config"]["select_metric"] == "accuracy"
+    report = (tmp_path / "run" / "results.md").read_text()
+    assert "resnet10t" in report and str(data) in report
+    assert "Note: 20 images per class: class" in report
+    assert (tmp_path / "run" / "activation_maps.png").is_file()
+
+
+@pytest.mark.slow
+@requires_real_data("brain_tumor_mri")
+def test_the_experiment_on_a_csv_with_groups_through_accelerate_launch(tmp_path):
+    """A CSV of real images with a group column: one patient's images never on both sides of a split."""
+    import csv
+    import shutil
+
+    from kdkit_zoo.hdkd.datasets import dataset_dir
+
+    source = dataset_dir("brain_tumor_mri") / "Training"
+    rows = []
+    for label, folder in (("calm", "notumor"), ("spot", "glioma"), ("mass", "meningioma")):
+        for index, image in enumerate(sorted((source / folder).iterdir())[:30]):
+            target = tmp_path / "images" / f"{label}_{index:02d}.jpg"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy(image, target)
+            rows.append({"path": f"images/{target.name}", "label": label, "group": f"{label}-patient{index // 3}"})
+    with open(tmp_path / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "group"])
+        writer.writeheader()
+        writer.writerows(rows)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "examples/hdkd_experiment.py", "--data", str(tmp_path / "labels.csv"), "--output-dir", str(tmp_path / "run"),
+               "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "5", "--seeds", "0",
+               "--batch-size", "8", "--preset", "cpu", "--threads", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["classes"] == ["calm", "mass", "spot"]
+    assert {run["model"] for run in results["runs"]} == {"student", "HDKD"}
+    record = results["data"]
+    assert record["layout"] == "csv"
+    group_of = {row["path"]: row["group"] for row in rows}
+    sides = {name: {group_of[path] for path in split.get("files", [])} for name, split in record["splits"].items()}
+    names = sorted(sides)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            assert not sides[first] & sides[second], (first, second)
+
+
+def test_the_figure_tap_is_one_for_all_models_or_one_per_role():
+    import timm
+
+    resnet, hdkd = timm.create_model("resnet10t", num_classes=3), timm.create_model("hdkd_student", num_classes=3, img_size=32)
+    default = ExperimentConfig(dataset=None, data="x")
+    assert experiment._figure_tap(default, "student", hdkd) == "stages.2"
+    assert experiment._figure_tap(default, "teacher", resnet) == "layer3"  # stride 16
+    per_role = ExperimentConfig(dataset=None, data="x", figure_tap="teacher=layer4,student=stages.1")
+    assert experiment._figure_tap(per_role, "teacher", resnet) == "layer4"
+    assert experiment._figure_tap(per_role, "student", hdkd) == "stages.1"
+    assert experiment._figure_tap(ExperimentConfig(dataset=None, data="x", figure_tap="layer2"), "teacher", resnet) == "layer2"
+
+
+@pytest.mark.slow
+@requires_real_data("brain_tumor_mri")
+def test_the_experiment_on_split_folders_of_real_images_through_accelerate_launch(tmp_path):
+    """Kaggle-spelled Training/ and Testing/ folders of three freely named classes: their classes, runs and splits."""
+    import shutil
+
+    from kdkit_zoo.hdkd.datasets import dataset_dir
+
+    source = dataset_dir("brain_tumor_mri")
+    for split, count in (("Training", 24), ("Testing", 6)):
+        for label, folder in (("calm", "notumor"), ("spot", "glioma"), ("mass", "pituitary")):
+            target = tmp_path / "scans" / split / label
+            target.mkdir(parents=True)
+            for image in sorted((source / split / folder).iterdir())[:count]:
+                shutil.copy(image, target / image.name)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "examples/hdkd_experiment.py", "--data", str(tmp_path / "scans"), "--output-dir", str(tmp_path / "run"),
+               "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "4", "--seeds", "0",
+               "--batch-size", "8", "--preset", "cpu", "--threads", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["classes"] == ["calm", "mass", "spot"]
+    assert [(run["model"], run["num_train"]) for run in results["runs"]] == [("student", 12), ("HDKD", 12)]
+    splits = results["data"]["splits"]
+    assert results["data"]["layout"] == "split folders"
+    assert splits["test"]["source"] == "folder" and splits["test"]["size"] == 18
+    assert splits["val"]["size"] + splits["train"]["size"] == 72 and set(splits["val"]["files"]).isdisjoint(splits["train"]["files"])
+    for figure in ("accuracy_vs_size.png", "activation_maps.png", "results.md"):
+        assert (tmp_path / "run" / figure).is_file()

@@ -45,18 +45,43 @@ def _parse_ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
 
-def build_parser(dataset: str) -> argparse.ArgumentParser:
-    """The command line shared by ``examples/hdkd_brain.py`` and ``examples/hdkd_ham10000.py``.
+def _parse_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def build_parser(dataset: str | None) -> argparse.ArgumentParser:
+    """The command line of ``examples/hdkd_experiment.py`` (``dataset=None``: the user's data) and its presets
+    ``examples/hdkd_brain.py`` and ``examples/hdkd_ham10000.py``.
 
     Args:
-        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``: the description and the default output folder.
+        dataset: ``"brain_tumor_mri"``, ``"ham10000"``, or ``None`` for ``--data``: the description and the default output folder.
     """
     parser = argparse.ArgumentParser(
-        description=f"HDKD on {dataset}: train the teacher, then the student with and without distillation.",
+        description=f"HDKD on {dataset or 'your data (--data)'}: train the teacher, then the student with and without distillation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--data", required=dataset is None,
+        help="your data set: a folder with train/ and test/ (and optionally val/) class folders (or Training/ and Testing/), "
+        "a folder of class folders only (test and validation split off, seeded and stratified), or a CSV of path,label[,group]",
+    )
     parser.add_argument("--data-dir", help="data root holding the data set folder (default: $KDKIT_DATA_ROOT or ../shared/data)")
-    parser.add_argument("--output-dir", default=f"runs/hdkd_{'brain' if dataset == 'brain_tumor_mri' else dataset}")
+    default_output = {"brain_tumor_mri": "runs/hdkd_brain", None: "runs/hdkd_experiment"}.get(dataset, f"runs/hdkd_{dataset}")
+    parser.add_argument("--output-dir", default=default_output)
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="with --data and no test split: the share held out for testing")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="the share of the training images held out for model selection")
+    parser.add_argument("--teacher", default="hdkd_teacher", help="timm name of the teacher")
+    parser.add_argument("--student", default="hdkd_student", help="timm name of the distilled student")
+    parser.add_argument(
+        "--alone-student", help="timm name of the student trained alone (default: hdkd_student_nodistill for hdkd_student, else --student)"
+    )
+    parser.add_argument(
+        "--taps", type=_parse_names,
+        help="the distilled feature taps, e.g. stages.0,stages.1,stages.2 (the HDKD pair's default) or layer2,layer3 "
+        "(default for other pairs: the last three timm feature stages)",
+    )
+    parser.add_argument("--figure-tap", help="the module whose activation maps Figure 5 shows, for every model or per role: teacher=layer3,student=stages.2 "
+        "(default: the HDKD stage, else the stride-16 stage)")
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -120,7 +145,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
+def config_from_args(dataset: str | None, args: argparse.Namespace) -> ExperimentConfig:
     """Merges the preset (``--preset``; by default ``paper`` on a GPU, ``cpu`` without) with the flags given.
 
     Args:
@@ -139,6 +164,14 @@ def config_from_args(dataset: str, args: argparse.Namespace) -> ExperimentConfig
         dataset=dataset,
         output_dir=args.output_dir,
         data_dir=args.data_dir,
+        data=args.data,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        teacher_model=args.teacher,
+        student_model=args.student,
+        alone_model=args.alone_student,
+        taps=args.taps,
+        figure_tap=args.figure_tap,
         teacher_checkpoint=args.teacher_checkpoint,
         teacher_per_class=args.teacher_per_class,
         kl_reduction=args.kl_reduction,
@@ -169,7 +202,7 @@ def configure_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 
 
-def main(dataset: str, argv: Sequence[str] | None = None) -> dict[str, object]:
+def main(dataset: str | None = None, argv: Sequence[str] | None = None) -> dict[str, object]:
     """Parses the command line, runs the experiment and prints the results table.
 
     Args:

@@ -18,6 +18,9 @@ from kdkit import devices
 
 from .datasets import DATASETS
 
+HDKD_STAGES = ("stages.0", "stages.1", "stages.2")
+"""The three convolutional stages that the HDKD teacher and student share."""
+
 __all__ = ["ARMS", "HDKD", "PRESETS", "STUDENT", "ExperimentConfig"]
 
 STUDENT = "student"
@@ -103,7 +106,7 @@ class ExperimentConfig:
     Every setting that a preset names defaults to the ``cpu`` preset (:data:`PRESETS`).
 
     Attributes:
-        dataset: ``"brain_tumor_mri"`` or ``"ham10000"``.
+        dataset: ``"brain_tumor_mri"`` or ``"ham10000"`` (a preset data set), or ``None`` with ``data``.
         output_dir: Where runs, checkpoints, ``results.json``, ``results.md`` and plots go.
         data_dir: Data root (see :func:`kdkit_zoo.hdkd.datasets.resolve_data_root`).
         image_size: Training and test resolution.
@@ -160,12 +163,27 @@ class ExperimentConfig:
         workers: DataLoader worker processes; ``None``: none on the CPU, several on a GPU
             (:func:`kdkit.devices.default_workers`).
         num_figure_images: Test images shown in the activation-map figure.
+        data: Your own data set instead of the preset one: a folder with ``train/`` and ``test/``
+            (and optionally ``val/``) class folders, a folder of class folders only, or a CSV of
+            ``path,label[,group]`` (:func:`kdkit.image_data.load_image_data`).
+        test_fraction: With ``data`` and no test split: the share carved off for testing.
+        teacher_model: timm name of the teacher.
+        student_model: timm name of the distilled student.
+        alone_model: timm name of the student trained alone; ``None``: ``hdkd_student_nodistill``
+            for ``hdkd_student``, else ``student_model``.
+        taps: The distilled feature taps; ``None``: the HDKD pair's three shared stages, else
+            timm's last three feature stages.
+        figure_tap: The module whose activation maps Figure 5 shows; ``None``: the HDKD models'
+            last shared stage, else each model's stride-16 stage.
+        select_metric: The validation metric choosing each run's best epoch; ``None``: balanced
+            accuracy when the largest class has over 1.5x the images of the smallest, else accuracy.
     """
 
     # The field order is the order of the settings in results.json's "config".
-    dataset: str = "brain_tumor_mri"
+    dataset: str | None = "brain_tumor_mri"
     output_dir: str = "runs/hdkd_brain"
     data_dir: str | None = None
+    data: str | None = None
     image_size: int = _cpu_preset("image_size")
     batch_size: int = _cpu_preset("batch_size")
     teacher_epochs: int = _cpu_preset("teacher_epochs")
@@ -203,12 +221,28 @@ class ExperimentConfig:
     finished_only: bool = False
     workers: int | None = None
     num_figure_images: int = 4
+    test_fraction: float = 0.2
+    teacher_model: str = "hdkd_teacher"
+    student_model: str = "hdkd_student"
+    alone_model: str | None = None
+    taps: list[str] | None = None
+    figure_tap: str | None = None
+    select_metric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.data is None and self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS} (or give `data`, a folder or CSV of your own), got {self.dataset!r}")
+        if self.data is not None:
+            self.data = str(self.data)
         if self.smote is None:
-            self.smote = self.dataset == "ham10000"
+            self.smote = self.data is None and self.dataset == "ham10000"
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        models = {"teacher_model": self.teacher_model, "student_model": self.student_model, "alone_model": self.alone_model}
+        if unknown := [f"{field_name}={name!r}" for field_name, name in models.items() if name is not None and not timm.is_model(name)]:
+            raise ValueError(f"unknown timm model(s) {', '.join(unknown)}; see timm.list_models()")
+        if isinstance(self.taps, str):
+            self.taps = [tap.strip() for tap in self.taps.split(",") if tap.strip()]
         if self.mixed_precision not in devices.MIXED_PRECISION_CHOICES:
             raise ValueError(f"mixed_precision must be one of {devices.MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
         if self.augment not in devices.AUGMENT_PLACES:
@@ -235,6 +269,30 @@ class ExperimentConfig:
         for name in ("teacher_image_budget", "student_image_budget"):
             if (budget := getattr(self, name)) is not None and budget < 1:
                 raise ValueError(f"{name} must be positive or None, got {budget}")
+
+    @property
+    def alone_model_name(self) -> str:
+        """The student trained alone: ``alone_model``, else the HDKD student without its distillation token, else the student."""
+        if self.alone_model is not None:
+            return self.alone_model
+        return "hdkd_student_nodistill" if self.student_model == "hdkd_student" else self.student_model
+
+    @property
+    def is_hdkd_pair(self) -> bool:
+        """Whether teacher and student are the HDKD family's, which share their three conv stages."""
+        return self.teacher_model.startswith("hdkd_teacher") and self.student_model.startswith("hdkd_student")
+
+    @property
+    def feature_taps(self) -> list[str] | list[int]:
+        """The distilled taps: ``taps``, else the HDKD pair's three shared stages, else timm's last three feature stages."""
+        if self.taps:
+            return list(self.taps)
+        return list(HDKD_STAGES) if self.is_hdkd_pair else [-3, -2, -1]
+
+    @property
+    def data_name(self) -> str:
+        """How the data is named in reports: the preset data set, or the user's folder or CSV."""
+        return self.dataset if self.data is None else self.data
 
     def teacher_epochs_for(self, num_images: int) -> int:
         """Epochs of the teacher on ``num_images`` images under :attr:`teacher_image_budget`."""

@@ -110,6 +110,18 @@ def resolve_data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return _locate_data_root(data_dir)[0]
 
 
+def _is_dataset_folder(name: str, folder: Path) -> bool:
+    """Whether ``folder`` is the data set ``name`` itself (Brain Tumor MRI's Training/ and Testing/, HAM10000's metadata CSV)."""
+    if not folder.is_dir():
+        return False
+    entries = {entry.name.lower() for entry in folder.iterdir()}
+    if name == "brain_tumor_mri":
+        return {"training", "testing"} <= entries
+    if name == "ham10000":
+        return "ham10000_metadata.csv" in entries
+    return False
+
+
 def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """Return ``<data root>/<name>``, failing clearly if it is missing.
 
@@ -122,6 +134,8 @@ def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
             where the data set can be obtained.
     """
     source = _DATASET_SOURCES.get(name, f"the {name!r} data set")
+    if data_dir is not None and _is_dataset_folder(name, Path(data_dir)):
+        return Path(data_dir)  # the data set's own folder rather than the root above it
     try:
         root, origin = _locate_data_root(data_dir)
     except FileNotFoundError as error:

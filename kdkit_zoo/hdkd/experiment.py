@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from accelerate import PartialState
@@ -32,12 +33,13 @@ from kdkit import devices
 from kdkit.checkpoint import atomic_write_text, load_model
 from kdkit.data import ImageTensorDataset, balanced_subset_indices, smote_balance
 from kdkit.distiller import Distiller
-from kdkit.explain import channel_mean_maps
+from kdkit.explain import channel_mean_maps, feature_stage
+from kdkit.image_data import load_image_data
 from kdkit.plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
 from kdkit.train import Supervised, TrainConfig, Trainer, distributed_without_accelerator
 
 from .claims import RunClaims, main_decides
-from .config import ARMS, HDKD, PRESETS, STUDENT, ExperimentConfig
+from .config import ARMS, HDKD, HDKD_STAGES, PRESETS, STUDENT, ExperimentConfig
 from .datasets import DATASETS, load_dataset
 from .report import metric_summary, metric_values, paired_values, results_markdown, size_label
 from .run_plan import PlannedRun, check_baselines_take, check_runs_fit, plan_runs
@@ -115,20 +117,60 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
     """The body of :func:`run_experiment`, once this worker has joined the folder: plan, teacher, students, report."""
     started = time.perf_counter()
     check_baselines_take(config.baselines, config.image_size)
-    data = prepare_data(config, _load_splits(config))
+    splits, data_record = _load_splits(config)
+    if config.select_metric is None:
+        config = dataclasses.replace(config, select_metric=select_metric_for(splits["train"].labels.numpy()))
+    data = prepare_data(config, splits)
+    notes = _size_notes(config, data.pool)
     planned = plan_runs(config, data.pool)
     # Every run gets a step on every process, or nothing starts (not the twentieth run, hours in).
     check_runs_fit(config, data.pool, planned, state.num_processes)
     teacher = _Teacher(config, data, claims, output_dir, state)
     students = _train_students(planned, teacher, claims, config, data, output_dir)
     results = _results(config, data, teacher, planned, students, state, started)
+    results["data"] = data_record
+    results["notes"] = notes
     if state.is_main_process:
         _write_report(results, config, data, teacher, students.figure_models, output_dir)
     return results
 
 
-def _load_splits(config: ExperimentConfig) -> dict[str, ImageTensorDataset]:
-    return load_dataset(config.dataset, config.data_dir, config.image_size)
+def _load_splits(config: ExperimentConfig) -> tuple[dict[str, ImageTensorDataset], dict[str, object]]:
+    """The splits, and how they were made: the user's folder or CSV (`data`), or a preset data set."""
+    if config.data is not None:
+        loaded = load_image_data(config.data, config.image_size, test_fraction=config.test_fraction,
+                                 val_fraction=config.val_fraction, seed=0)
+        return loaded.splits, loaded.split
+    return load_dataset(config.dataset, config.data_dir, config.image_size), {"dataset": config.dataset}
+
+
+def select_metric_for(labels: np.ndarray) -> str:
+    """``balanced_accuracy`` when the largest class has over 1.5 times the images of the smallest, else ``accuracy``.
+
+    On an imbalanced set a model that learns the majority class scores a high plain accuracy.
+    """
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    return "balanced_accuracy" if counts.max() > 1.5 * counts.min() else "accuracy"
+
+
+def _size_notes(config: ExperimentConfig, pool: ImageTensorDataset) -> list[str]:
+    """A note for each size above the smallest class of the pool, whose subsets that class caps."""
+    counts = np.bincount(pool.labels.numpy(), minlength=len(pool.classes))
+    smallest = int(counts.min())
+    notes = [
+        f"{size} images per class: class {pool.classes[int(counts.argmin())]!r} has {smallest} in the training pool, "
+        f"so its subsets hold all {smallest} of them"
+        for size in config.sizes if size is not None and size > smallest
+    ]
+    for note in notes:
+        logger.warning("%s", note)
+    return notes
+
+
+def _size_kwargs(model_name: str, image_size: int) -> dict[str, int]:
+    """The HDKD models size their position embeddings by the input: they are built for the experiment's size."""
+    return {"img_size": image_size} if model_name.startswith("hdkd_student") else {}
 
 
 # --------------------------------------------------------------------------- phase 1: the teacher
@@ -146,7 +188,8 @@ class _Teacher:
     def __init__(
         self, config: ExperimentConfig, data: ExperimentData, claims: RunClaims, output_dir: Path, state: PartialState
     ) -> None:
-        self.model = timm.create_model("hdkd_teacher", num_classes=len(data.classes))
+        torch.manual_seed(0)  # the teacher's initial weights: the same in every worker and every run
+        self.model = timm.create_model(config.teacher_model, num_classes=len(data.classes), **_size_kwargs(config.teacher_model, config.image_size))
         self.metrics: dict[str, object] | None = None
         self._config, self._data, self._claims, self._output_dir, self._state = config, data, claims, output_dir, state
         if config.teacher_checkpoint:
@@ -260,10 +303,12 @@ def _task_of(run: PlannedRun, teacher: nn.Module, config: ExperimentConfig) -> t
     """The trained model of ``run`` and the task that trains it: distilled for HDKD, supervised otherwise."""
     num_classes = len(run.subset.classes)
     if run.arm == HDKD:
-        model = timm.create_model("hdkd_student", num_classes=num_classes, img_size=config.image_size)
-        return model, Distiller(teacher, model, losses=hdkd_losses(config), taps=FEATURE_TAPS, input_size=config.image_size)
+        name = config.student_model
+        model = timm.create_model(name, num_classes=num_classes, **_size_kwargs(name, config.image_size))
+        return model, Distiller(teacher, model, losses=hdkd_losses(config), taps=config.feature_taps, input_size=config.image_size)
     if run.arm == STUDENT:
-        model = timm.create_model("hdkd_student_nodistill", num_classes=num_classes, img_size=config.image_size)
+        name = config.alone_model_name
+        model = timm.create_model(name, num_classes=num_classes, **_size_kwargs(name, config.image_size))
         return model, Supervised(model)
     model = timm.create_model(run.arm, num_classes=num_classes)  # a baseline
     return model, Supervised(model)
@@ -348,14 +393,37 @@ def _write_report(
     atomic_write_text(output_dir / "results.md", results_markdown(results, config))
     if arm_runs := [run for run in runs if run["model"] in ARMS]:  # none yet in an early report
         plot_accuracy_vs_size(
-            arm_runs, output_dir / "accuracy_vs_size.png", baselines=[run for run in runs if run["model"] in config.baselines]
+            arm_runs, output_dir / "accuracy_vs_size.png", baselines=[run for run in runs if run["model"] in config.baselines],
+            labels=(f"{config.alone_model_name} alone", f"{config.student_model} distilled"),
         )
     classes = data.classes
-    plot_confusion_matrix(teacher.metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title="teacher")
+    plot_confusion_matrix(teacher.metrics["confusion_matrix"], classes, output_dir / "confusion_teacher.png", title=f"teacher ({config.teacher_model})")
     figure_set = data.figure_set
     images = torch.stack([figure_set[i][0] for i in range(min(config.num_figure_images, len(figure_set)))])
     # Rows in a fixed order, whichever order this worker trained or collected the runs in.
+    labels = {STUDENT: f"{config.alone_model_name} alone", HDKD: f"{config.student_model} distilled"}
     models = {"teacher": teacher.model, **{arm: figure_models[arm] for arm in ARMS if arm in figure_models}}
-    maps = {label: list(channel_mean_maps(model, images, "stages.2")) for label, model in models.items()}
+    maps = {
+        (f"teacher {config.teacher_model}" if role == "teacher" else labels[role]): list(
+            channel_mean_maps(model, images, _figure_tap(config, "teacher" if role == "teacher" else "student", model)))
+        for role, model in models.items()
+    }
     raw = [figure_set.with_transform(None)[i][0] for i in range(len(images))]
     plot_activation_grid(raw, maps, output_dir / "activation_maps.png")
+
+
+def _figure_tap(config: ExperimentConfig, role: str, model: nn.Module) -> str:
+    """The Figure 5 tap of the ``role`` (``"teacher"`` or ``"student"``) model.
+
+    ``figure_tap`` is one module path for every model, or one per role (``"teacher=layer3,student=stages.2"``);
+    without one: the HDKD models' last shared stage, else the model's stride-16 stage.
+    """
+    given = config.figure_tap
+    if given is not None and "=" in given:
+        per_role = dict(item.split("=", 1) for item in given.split(",") if "=" in item)
+        given = per_role.get(role)
+    if given is not None:
+        return given
+    if type(model).__module__.startswith("kdkit_zoo.hdkd"):
+        return HDKD_STAGES[-1]
+    return feature_stage(model, max_reduction=16)

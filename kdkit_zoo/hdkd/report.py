@@ -99,9 +99,9 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
     runs = results["runs"]  # type: ignore[index]
     teacher = results["teacher"]  # type: ignore[index]
     lines = [
-        f"# HDKD on {config.dataset}: student alone vs distilled (test set)",
+        f"# HDKD on {config.data_name}: student alone vs distilled (test set)",
         "",
-        f"Teacher (`hdkd_teacher`): accuracy {100 * teacher['accuracy']:.2f}%, "
+        f"Teacher (`{config.teacher_model}`): accuracy {100 * teacher['accuracy']:.2f}%, "
         f"balanced accuracy {100 * teacher['balanced_accuracy']:.2f}%, macro F1 {100 * teacher['macro_f1']:.2f}%.",
         "",
         f"{config.image_size} px, {config.student_epochs} student epochs"
@@ -122,6 +122,8 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
                 gain += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
             cells = [summary_cell(values, len(config.seeds)) for values in (student, hdkd)]
             lines.append(f"| {size} | {metric} | {cells[0]} | {cells[1]} | {gain} |")
+    if notes := results.get("notes"):
+        lines += ["", *(f"Note: {note}." for note in notes)]
     if unfinished := results.get("unfinished"):
         lines += ["", f"Not finished, left out ({len(unfinished)} runs): " + ", ".join(f"`{name}`" for name in unfinished) + "."]
     if config.baselines:

@@ -28,12 +28,23 @@ EXPERIMENT_FILE = "experiment.json"
 # which runs it adds (sizes, seeds, baselines) and whether it only reports.
 _INVOCATION_FIELDS = frozenset(
     {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers",
-     "num_figure_images", "checkpoint_every", "augment"}
+     "num_figure_images", "checkpoint_every", "augment", "data", "figure_tap"}
 )
 
 # What the experiments recorded before a setting existed did: compared as these values. The
 # students' optimizer and schedule were AdamW and cosine before they became settings.
-_BEFORE_RECORDED = {"augment_on_device": False, "student_opt": "adamw", "student_sched": "cosine"}
+_BEFORE_RECORDED = {
+    "augment_on_device": False,
+    "student_opt": "adamw",
+    "student_sched": "cosine",
+    # before any data set and any model pair: the HDKD pair on a preset data set
+    "test_fraction": 0.2,
+    "teacher_model": "hdkd_teacher",
+    "student_model": "hdkd_student",
+    "alone_model": None,
+    "taps": None,
+    "select_metric": None,
+}
 
 
 def defining_settings(config: ExperimentConfig) -> dict[str, object]:

@@ -23,7 +23,7 @@ from kdkit.distiller import LossTerm
 from kdkit.train import FitResult, TrainConfig, Trainer, checkpoint_epoch
 
 from .augmentations import batch_hdkd_train_transforms, hdkd_train_transforms
-from .config import ExperimentConfig
+from .config import HDKD_STAGES, ExperimentConfig
 
 __all__ = [
     "FEATURE_TAPS",
@@ -39,7 +39,7 @@ __all__ = [
     "teacher_train_config",
 ]
 
-FEATURE_TAPS = ["stages.0", "stages.1", "stages.2"]
+FEATURE_TAPS = list(HDKD_STAGES)
 """The three convolutional stages that teacher and student share, distilled without adapters."""
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -109,13 +109,17 @@ class ExperimentData:
 
 
 def prepare_data(config: ExperimentConfig, splits: dict[str, ImageTensorDataset]) -> ExperimentData:
-    """Splits ``splits["train"]`` into the pool and a stratified validation split, and attaches the transforms."""
+    """The pool and validation split (``splits["val"]``, else a stratified share of ``splits["train"]``), with the transforms."""
     full_pool = splits["train"]
-    pool_idx, val_idx = stratified_split_indices(full_pool.labels.numpy(), config.val_fraction, seed=0)
     pipeline = Pipeline.for_config(config)
+    if "val" in splits:
+        pool, val = full_pool, splits["val"]
+    else:
+        pool_idx, val_idx = stratified_split_indices(full_pool.labels.numpy(), config.val_fraction, seed=0)
+        pool, val = full_pool.subset(pool_idx), full_pool.subset(val_idx)
     return ExperimentData(
-        pool=pipeline.training_view(full_pool.subset(pool_idx)),
-        val=pipeline.evaluation_view(full_pool.subset(val_idx)),
+        pool=pipeline.training_view(pool),
+        val=pipeline.evaluation_view(val),
         test=pipeline.evaluation_view(splits["test"]),
         figure_set=splits["test"].with_transform(eval_transforms(config.image_size)),
         pipeline=pipeline,
@@ -135,8 +139,9 @@ def _shared_settings(config: ExperimentConfig, output_dir: Path, seed: int) -> d
         checkpoint_every=config.checkpoint_every,
         seed=seed,
         output_dir=str(output_dir),
-        # HAM10000's classes are imbalanced (two thirds are nevi): select on balanced accuracy.
-        select_metric="balanced_accuracy" if config.dataset == "ham10000" else "accuracy",
+        # Resolved from the class balance by the experiment (kdkit_zoo.hdkd.experiment.select_metric_for);
+        # without it, the preset data sets' own: HAM10000's classes are imbalanced (two thirds are nevi).
+        select_metric=config.select_metric or ("balanced_accuracy" if config.dataset == "ham10000" else "accuracy"),
     )
 
 
