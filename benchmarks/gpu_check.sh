@@ -6,9 +6,8 @@
 #   KDKIT_GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh --quick   # a dry run on a CPU machine
 #
 # It assumes torch, torchvision, timm, accelerate, einops and safetensors, and what a lent H200
-# machine has beside them (numpy, pillow, matplotlib, scikit-learn, scipy, pytest, tqdm, and
-# pyarrow, pandas, xxhash, fsspec, requests, pyyaml for the datasets package); kornia, datasets
-# and the two of datasets' dependencies that machine lacks travel as wheels in .whl/. It runs the suite's device tests on the device, then
+# machine has beside them (numpy, pillow, matplotlib, scikit-learn, scipy, pytest, tqdm);
+# kornia, which that machine lacks, travels as wheels in .whl/. It runs the suite's device tests on the device, then
 # benchmarks/gpu_check.py (model steps, input pipeline, time waiting for data, GPU memory, a
 # short --preset paper run through accelerate launch) and writes gpu_check_<device>.json/.md
 # to $OUT (the device tool's folder) or benchmarks/results/. Any error stops it, non-zero.

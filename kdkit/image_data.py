@@ -308,7 +308,7 @@ def _folder_listing(
 def _sort_labels(labels: set[str]) -> list[str]:
     # Integer labels in numeric order, so that "0".."9" map to class indices 0..9 (not "10" < "2").
     if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=lambda label: (int(label), label))  # "1" and "01": a fixed order
     return sorted(labels)
 
 

@@ -23,6 +23,7 @@ from kdkit_zoo.hdkd.claims import RunClaims
 from kdkit_zoo.hdkd.cli import build_parser, config_from_args
 from kdkit_zoo.hdkd.config import PRESETS, ExperimentConfig
 from kdkit_zoo.hdkd.report import summary_cell
+from kdkit_zoo.hdkd.run_plan import check_models, figure_tap
 from kdkit_zoo.hdkd.settings import EXPERIMENT_FILE, check_same_settings, defining_settings
 from kdkit_zoo.hdkd.training import student_train_config, teacher_train_config
 
@@ -430,12 +431,13 @@ def test_the_figure_tap_is_one_for_all_models_or_one_per_role():
 
     resnet, hdkd = timm.create_model("resnet10t", num_classes=3), timm.create_model("hdkd_student", num_classes=3, img_size=32)
     default = ExperimentConfig(dataset=None, data="x")
-    assert experiment._figure_tap(default, "student", hdkd) == "stages.2"
-    assert experiment._figure_tap(default, "teacher", resnet) == "layer3"  # stride 16
+    assert figure_tap(default, "student", hdkd) == "stages.2"
+    assert figure_tap(default, "teacher", resnet) == "layer3"  # stride 16
     per_role = ExperimentConfig(dataset=None, data="x", figure_tap="teacher=layer4,student=stages.1")
-    assert experiment._figure_tap(per_role, "teacher", resnet) == "layer4"
-    assert experiment._figure_tap(per_role, "student", hdkd) == "stages.1"
-    assert experiment._figure_tap(ExperimentConfig(dataset=None, data="x", figure_tap="layer2"), "teacher", resnet) == "layer2"
+    assert figure_tap(per_role, "teacher", resnet) == "layer4"
+    assert figure_tap(per_role, "student", hdkd) == "stages.1"
+    assert figure_tap(per_role, "alone", hdkd) == "stages.1"  # the distilled student's, unless alone= is given
+    assert figure_tap(ExperimentConfig(dataset=None, data="x", figure_tap="layer2"), "teacher", resnet) == "layer2"
 
 
 @pytest.mark.slow
@@ -468,3 +470,43 @@ def test_the_experiment_on_split_folders_of_real_images_through_accelerate_launc
     assert splits["val"]["size"] + splits["train"]["size"] == 72 and set(splits["val"]["files"]).isdisjoint(splits["train"]["files"])
     for figure in ("accuracy_vs_size.png", "activation_maps.png", "results.md"):
         assert (tmp_path / "run" / figure).is_file()
+
+
+
+def test_models_taps_and_figure_taps_are_checked_before_anything_trains():
+    check_models(ExperimentConfig(image_size=32), num_classes=3)  # the HDKD pair
+    check_models(ExperimentConfig(image_size=32, teacher_model="resnet10t", student_model="hdkd_student"), num_classes=3)
+    with pytest.raises(ValueError, match=r"the student model 'deit_tiny_patch16_224' cannot take 32 x 32 images"):
+        check_models(ExperimentConfig(image_size=32, teacher_model="resnet10t", student_model="deit_tiny_patch16_224"), num_classes=3)
+    with pytest.raises(ValueError, match=r"the distilled taps \['layer2'\] do not fit resnet10t -> hdkd_student"):
+        check_models(ExperimentConfig(image_size=32, teacher_model="resnet10t", taps=["layer2"]), num_classes=3)
+    check_models(ExperimentConfig(image_size=32, teacher_model="resnet10t", taps=[("layer2", "stages.1")]), num_classes=3)
+    with pytest.raises(ValueError, match=r"--figure-tap: 'layer3' for the student model 'hdkd_student': .*no module 'layer3'"):
+        check_models(ExperimentConfig(image_size=32, teacher_model="resnet10t", figure_tap="layer3"), num_classes=3)
+
+
+def test_taps_on_the_command_line_take_paths_pairs_and_stage_indices():
+    parse = lambda text: config_from_args(None, build_parser(None).parse_args(["--data", "x", f"--taps={text}"])).taps  # noqa: E731
+    assert parse("stages.1,stages.2") == ["stages.1", "stages.2"]
+    assert parse("-2,-1") == [-2, -1]
+    assert parse("layer2:stages.1,layer3:stages.2") == [("layer2", "stages.1"), ("layer3", "stages.2")]
+    assert ExperimentConfig(taps=[["layer2", "stages.1"]]).taps == [("layer2", "stages.1")]  # as read back from JSON
+
+
+def test_a_resume_over_other_data_is_refused(tmp_path):
+    from kdkit_zoo.hdkd.settings import check_same_data
+
+    record = {"path": "/a", "layout": "csv", "classes": ["x", "y"], "splits": {"test": {"files": ["1.png"]}}}
+    mine = ExperimentConfig(dataset=None, data="/a", output_dir=str(tmp_path), resume=True)
+    check_same_settings(mine, tmp_path)
+    check_same_data(mine, tmp_path, record)
+    check_same_data(ExperimentConfig(dataset=None, data="/moved", output_dir=str(tmp_path), resume=True), tmp_path, {**record, "path": "/moved"})
+    other = {**record, "splits": {"test": {"files": ["2.png"]}}}
+    with pytest.raises(ResumeError, match=r"trained on other data \(another split or content\)"):
+        check_same_data(mine, tmp_path, other)
+    with pytest.raises(ResumeError, match=r"the preset data set 'brain_tumor_mri' differs"):
+        check_same_data(ExperimentConfig(output_dir=str(tmp_path), resume=True), tmp_path, {"dataset": "brain_tumor_mri"})
+    preset = tmp_path / "preset"
+    check_same_settings(ExperimentConfig(output_dir=str(preset), resume=False), preset)
+    with pytest.raises(ResumeError, match=r"trained on a preset data set, and the data in /a differs"):
+        check_same_data(ExperimentConfig(dataset=None, data="/a", output_dir=str(preset), resume=True), preset, record)

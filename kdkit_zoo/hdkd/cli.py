@@ -45,8 +45,18 @@ def _parse_ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
 
-def _parse_names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+def _parse_taps(text: str) -> list[str | int | tuple[str | int, str | int]]:
+    """``stages.1,stages.2`` (one path for both models), ``-2,-1`` (timm feature stages) or ``layer3:stages.1`` (teacher:student)."""
+
+    def one(item: str) -> str | int:
+        item = item.strip()
+        return int(item) if item.lstrip("-").isdigit() else item
+
+    taps: list[str | int | tuple[str | int, str | int]] = []
+    for item in filter(str.strip, text.split(",")):
+        teacher, _, student = item.partition(":")
+        taps.append((one(teacher), one(student)) if student else one(teacher))
+    return taps
 
 
 def build_parser(dataset: str | None) -> argparse.ArgumentParser:
@@ -76,9 +86,9 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
         "--alone-student", help="timm name of the student trained alone (default: hdkd_student_nodistill for hdkd_student, else --student)"
     )
     parser.add_argument(
-        "--taps", type=_parse_names,
-        help="the distilled feature taps, e.g. stages.0,stages.1,stages.2 (the HDKD pair's default) or layer2,layer3 "
-        "(default for other pairs: the last three timm feature stages)",
+        "--taps", type=_parse_taps,
+        help="the distilled feature taps: module paths of both models (stages.0,stages.1,stages.2: the HDKD pair's default), "
+        "teacher:student pairs (layer3:stages.1), or timm feature-stage indices (--taps=-2,-1; the default for other pairs: -3,-2,-1)",
     )
     parser.add_argument("--figure-tap", help="the module whose activation maps Figure 5 shows, for every model or per role: teacher=layer3,student=stages.2 "
         "(default: the HDKD stage, else the stride-16 stage)")

@@ -225,7 +225,7 @@ class ExperimentConfig:
     teacher_model: str = "hdkd_teacher"
     student_model: str = "hdkd_student"
     alone_model: str | None = None
-    taps: list[str] | None = None
+    taps: list[str | int | tuple[str | int, str | int]] | None = None
     figure_tap: str | None = None
     select_metric: str | None = None
 
@@ -243,6 +243,8 @@ class ExperimentConfig:
             raise ValueError(f"unknown timm model(s) {', '.join(unknown)}; see timm.list_models()")
         if isinstance(self.taps, str):
             self.taps = [tap.strip() for tap in self.taps.split(",") if tap.strip()]
+        if self.taps is not None:  # (teacher, student) pairs read back from JSON as lists
+            self.taps = [tuple(tap) if isinstance(tap, list) else tap for tap in self.taps]
         if self.mixed_precision not in devices.MIXED_PRECISION_CHOICES:
             raise ValueError(f"mixed_precision must be one of {devices.MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
         if self.augment not in devices.AUGMENT_PLACES:

@@ -42,8 +42,8 @@ from .claims import RunClaims, main_decides
 from .config import ARMS, HDKD, HDKD_STAGES, PRESETS, STUDENT, ExperimentConfig
 from .datasets import DATASETS, load_dataset
 from .report import metric_summary, metric_values, paired_values, results_markdown, size_label
-from .run_plan import PlannedRun, check_baselines_take, check_runs_fit, plan_runs
-from .settings import EXPERIMENT_FILE, check_same_settings
+from .run_plan import PlannedRun, check_baselines_take, check_models, check_runs_fit, figure_tap, model_kwargs, plan_runs
+from .settings import EXPERIMENT_FILE, check_same_data, check_same_settings
 from .training import (
     FEATURE_TAPS,
     ExperimentData,
@@ -118,6 +118,9 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
     started = time.perf_counter()
     check_baselines_take(config.baselines, config.image_size)
     splits, data_record = _load_splits(config)
+    main_decides(lambda: check_same_data(config, output_dir, data_record))
+    # Every model, tap and figure tap on the meta device, before the teacher trains for hours.
+    check_models(config, num_classes=len(splits["train"].classes))
     if config.select_metric is None:
         config = dataclasses.replace(config, select_metric=select_metric_for(splits["train"].labels.numpy()))
     data = prepare_data(config, splits)
@@ -168,11 +171,6 @@ def _size_notes(config: ExperimentConfig, pool: ImageTensorDataset) -> list[str]
     return notes
 
 
-def _size_kwargs(model_name: str, image_size: int) -> dict[str, int]:
-    """The HDKD models size their position embeddings by the input: they are built for the experiment's size."""
-    return {"img_size": image_size} if model_name.startswith("hdkd_student") else {}
-
-
 # --------------------------------------------------------------------------- phase 1: the teacher
 
 
@@ -189,7 +187,7 @@ class _Teacher:
         self, config: ExperimentConfig, data: ExperimentData, claims: RunClaims, output_dir: Path, state: PartialState
     ) -> None:
         torch.manual_seed(0)  # the teacher's initial weights: the same in every worker and every run
-        self.model = timm.create_model(config.teacher_model, num_classes=len(data.classes), **_size_kwargs(config.teacher_model, config.image_size))
+        self.model = timm.create_model(config.teacher_model, num_classes=len(data.classes), **model_kwargs(config.teacher_model, config.image_size))
         self.metrics: dict[str, object] | None = None
         self._config, self._data, self._claims, self._output_dir, self._state = config, data, claims, output_dir, state
         if config.teacher_checkpoint:
@@ -304,11 +302,11 @@ def _task_of(run: PlannedRun, teacher: nn.Module, config: ExperimentConfig) -> t
     num_classes = len(run.subset.classes)
     if run.arm == HDKD:
         name = config.student_model
-        model = timm.create_model(name, num_classes=num_classes, **_size_kwargs(name, config.image_size))
+        model = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, config.image_size))
         return model, Distiller(teacher, model, losses=hdkd_losses(config), taps=config.feature_taps, input_size=config.image_size)
     if run.arm == STUDENT:
         name = config.alone_model_name
-        model = timm.create_model(name, num_classes=num_classes, **_size_kwargs(name, config.image_size))
+        model = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, config.image_size))
         return model, Supervised(model)
     model = timm.create_model(run.arm, num_classes=num_classes)  # a baseline
     return model, Supervised(model)
@@ -405,25 +403,9 @@ def _write_report(
     models = {"teacher": teacher.model, **{arm: figure_models[arm] for arm in ARMS if arm in figure_models}}
     maps = {
         (f"teacher {config.teacher_model}" if role == "teacher" else labels[role]): list(
-            channel_mean_maps(model, images, _figure_tap(config, "teacher" if role == "teacher" else "student", model)))
+            channel_mean_maps(model, images, figure_tap(config, {STUDENT: "alone", HDKD: "student"}.get(role, role), model)))
         for role, model in models.items()
     }
     raw = [figure_set.with_transform(None)[i][0] for i in range(len(images))]
     plot_activation_grid(raw, maps, output_dir / "activation_maps.png")
 
-
-def _figure_tap(config: ExperimentConfig, role: str, model: nn.Module) -> str:
-    """The Figure 5 tap of the ``role`` (``"teacher"`` or ``"student"``) model.
-
-    ``figure_tap`` is one module path for every model, or one per role (``"teacher=layer3,student=stages.2"``);
-    without one: the HDKD models' last shared stage, else the model's stride-16 stage.
-    """
-    given = config.figure_tap
-    if given is not None and "=" in given:
-        per_role = dict(item.split("=", 1) for item in given.split(",") if "=" in item)
-        given = per_role.get(role)
-    if given is not None:
-        return given
-    if type(model).__module__.startswith("kdkit_zoo.hdkd"):
-        return HDKD_STAGES[-1]
-    return feature_stage(model, max_reduction=16)

@@ -17,12 +17,26 @@ import timm
 import torch
 
 from kdkit.data import ImageTensorDataset, balanced_subset_indices
+from kdkit.distiller import Distiller
+from kdkit.explain import feature_stage
 from kdkit.plan import PlannedTraining, check_plan
+from kdkit.taps import resolve_selector
+from torch import nn
 
-from .config import ARMS, ExperimentConfig
+from .config import ARMS, HDKD_STAGES, ExperimentConfig
 from .report import size_label
+from .training import hdkd_losses
 
-__all__ = ["PlannedRun", "check_baselines_take", "check_runs_fit", "plan_runs", "teacher_set_size"]
+__all__ = [
+    "PlannedRun",
+    "check_baselines_take",
+    "check_models",
+    "check_runs_fit",
+    "figure_tap",
+    "model_kwargs",
+    "plan_runs",
+    "teacher_set_size",
+]
 
 
 @dataclass
@@ -103,3 +117,63 @@ def check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
                 f"baseline {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
                 "choose a model without a fixed input size, or another --image-size"
             ) from error
+
+
+def model_kwargs(model_name: str, image_size: int) -> dict[str, int]:
+    """The HDKD students size their position embeddings by the input: they are built for the experiment's size."""
+    return {"img_size": image_size} if model_name.startswith("hdkd_student") else {}
+
+
+def figure_tap(config: ExperimentConfig, role: str, model: nn.Module) -> str:
+    """The Figure 5 tap of the ``role`` model: ``"teacher"``, ``"student"`` (distilled) or ``"alone"``.
+
+    ``figure_tap`` is one module path for every model, or one per role
+    (``"teacher=layer3,student=stages.2,alone=stages.2"``; ``alone`` defaults to ``student``'s);
+    without one: the HDKD models' last shared stage, else the model's stride-16 stage.
+    """
+    given = config.figure_tap
+    if given is not None and "=" in given:
+        per_role = dict(item.split("=", 1) for item in given.split(",") if "=" in item)
+        given = per_role.get(role, per_role.get("student") if role == "alone" else None)
+    if given is not None:
+        return given
+    if type(model).__module__.startswith("kdkit_zoo.hdkd"):
+        return HDKD_STAGES[-1]
+    return feature_stage(model, max_reduction=16)
+
+
+def check_models(config: ExperimentConfig, num_classes: int) -> None:
+    """Builds the teacher, both students and the Distiller on the ``meta`` device, and runs them once.
+
+    Shapes only, no memory or compute: a model that cannot take the image size (a ViT built for
+    224 px), a tap that names no module or cannot be aligned, and a figure tap that names no
+    single module fail here, naming the setting, not after the teacher has trained.
+
+    Raises:
+        ValueError: What fails, with the setting to change.
+    """
+    names = {"teacher": config.teacher_model, "student": config.student_model, "alone": config.alone_model_name}
+    models: dict[str, nn.Module] = {}
+    for role, name in names.items():
+        with torch.device("meta"):
+            models[role] = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, config.image_size)).eval()
+        try:
+            models[role](torch.empty(2, 3, config.image_size, config.image_size, device="meta"))
+        except Exception as error:  # whatever the model raises on the wrong size
+            raise ValueError(
+                f"the {role} model {name!r} cannot take {config.image_size} x {config.image_size} images "
+                f"({type(error).__name__}: {error}); choose another model or --image-size"
+            ) from error
+    try:
+        Distiller(models["teacher"], models["student"], losses=hdkd_losses(config), taps=config.feature_taps,
+                  input_size=config.image_size).remove_hooks()
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"the distilled taps {config.feature_taps} do not fit {names['teacher']} -> {names['student']}: {error}") from error
+    for role, model in models.items():
+        tap = figure_tap(config, role, model)
+        try:
+            paths = resolve_selector(model, tap)
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"--figure-tap: {tap!r} for the {role} model {names[role]!r}: {error}") from None
+        if len(paths) != 1:
+            raise ValueError(f"--figure-tap: {tap!r} names {len(paths)} modules of the {role} model {names[role]!r}, not one: {paths[:5]}")

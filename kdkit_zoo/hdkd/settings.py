@@ -10,6 +10,7 @@ every ``resume`` must match them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from kdkit.train import ResumeError
 
 from .config import ExperimentConfig
 
-__all__ = ["EXPERIMENT_FILE", "check_same_settings", "defining_settings"]
+__all__ = ["EXPERIMENT_FILE", "check_same_data", "check_same_settings", "data_fingerprint", "defining_settings"]
 
 EXPERIMENT_FILE = "experiment.json"
+_PRESET = "preset data set"  # the data fingerprint of an experiment on a preset data set (and of older records)
 """The file in the output folder that records the settings an experiment's runs were trained with."""
 
 # Fields free to change between the invocations of one experiment: where files are, how it runs,
@@ -78,4 +80,40 @@ def check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
                 + ". Pass the recorded values, or give this experiment another output folder (--output-dir)"
             )
         return
-    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    # The data's fingerprint is added once the data is loaded (check_same_data); a preset data set has none.
+    pending = {"data_fingerprint": _PRESET if config.data is None else None}
+    atomic_write_text(path, json.dumps({**settings, **pending}, indent=2, sort_keys=True) + "\n")
+
+
+def data_fingerprint(record: dict[str, object]) -> str:
+    """A digest of how a data set of one's own was split: its classes and, per split, its files or counts (not its path)."""
+    content = {key: value for key, value in record.items() if key != "path"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_data(config: ExperimentConfig, output_dir: Path, record: dict[str, object]) -> None:
+    """Records the fingerprint of a ``data`` experiment's split in ``experiment.json``; a resume must match it.
+
+    The folder may move (``data`` is free to change), its content may not: finished runs would be
+    tested on a split that overlaps their training images. A ``data`` experiment and a preset
+    data set's do not resume each other. Call it after :func:`check_same_settings`.
+
+    Raises:
+        ResumeError: An experiment of other data in ``output_dir``.
+    """
+    path = output_dir / EXPERIMENT_FILE
+    if not path.is_file():  # no settings recorded here (check_same_settings records them)
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8")).get("data_fingerprint", _PRESET)
+    current = data_fingerprint(record) if config.data is not None else _PRESET
+    if recorded == current:
+        return
+    if recorded is not None or config.data is None:  # None: this experiment's data is not recorded yet
+        was = "a preset data set" if recorded == _PRESET else "other data (another split or content)"
+        now = f"the data in {config.data}" if config.data is not None else f"the preset data set {config.dataset!r}"
+        raise ResumeError(
+            f"cannot resume the experiment in {output_dir}: it was trained on {was}, and {now} differs. "
+            "Give this experiment another output folder (--output-dir)"
+        )
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    atomic_write_text(path, json.dumps({**settings, "data_fingerprint": current}, indent=2, sort_keys=True) + "\n")
