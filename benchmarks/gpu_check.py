@@ -35,29 +35,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import timm
 import torch
 from PIL import Image
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kdkit  # noqa: E402  (registers the HDKD models)
+import input_pipeline  # noqa: E402
 from _common import RESULTS_DIR, markdown_table, run_metadata, write_results  # noqa: E402
+from input_pipeline import NUM_CLASSES, synthetic_dataset  # noqa: E402
+from input_pipeline import _synchronize as synchronize  # noqa: E402
 from kdkit.data import ImageTensorDataset, make_loader  # noqa: E402
 from kdkit_zoo.hdkd.augmentations import batch_hdkd_train_transforms, hdkd_train_transforms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 4
-HDKD_TAPS = ["stages.0", "stages.1", "stages.2"]
-HDKD_LOSSES = {"ce": 0.5, "kl": 0.5, "stage_mse": 10.0}
 BRAIN_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# The model steps and the pipeline timing are input_pipeline.py's, so both records measure the same things.
+STEP_KINDS = {"teacher": "hdkd_teacher (CE)", "distill": "HDKD distillation (kdkit.Distiller)"}
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -69,39 +62,24 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def synthetic_images(count: int, size: int, seed: int = 0) -> ImageTensorDataset:
-    """Smooth random uint8 images (blurred noise, so JPEG and augmentation see image-like content)."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(count, 3, max(2, size // 8), max(2, size // 8), generator=generator)
-    images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-    return ImageTensorDataset((images * 255).round().to(torch.uint8), torch.arange(count) % NUM_CLASSES, list(BRAIN_CLASSES))
-
-
 # --------------------------------------------------------------------------- model steps
-def build_step(kind: str, size: int, device: torch.device) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], nn.Module]:
-    """One optimizer step of the teacher (``"teacher"``) or of HDKD (``"distill"``) under bf16 autocast."""
-    torch.manual_seed(0)
-    teacher = timm.create_model("hdkd_teacher", num_classes=NUM_CLASSES).to(device)
-    if kind == "teacher":
-        task: nn.Module = kdkit.Supervised(teacher)
-    else:
-        student = timm.create_model("hdkd_student", num_classes=NUM_CLASSES, img_size=size)
-        task = kdkit.Distiller(teacher, student, losses=HDKD_LOSSES, taps=HDKD_TAPS, input_size=size).to(device)
-    task.train()
-    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+def build_step(kind: str, size: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One optimizer step of the teacher (``"teacher"``) or of HDKD (``"distill"``) under bf16 autocast, no sync."""
+    loss_fn, parameters = input_pipeline.STEPS[STEP_KINDS[kind]](size, device)
+    optimizer = torch.optim.AdamW(parameters, lr=input_pipeline.LEARNING_RATE)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = task(images, labels)
-        out.loss.backward()
+            loss = loss_fn(images, labels)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, task
+    return step
 
 
 def time_model_step(kind: str, size: int, batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, float | None]:
-    step, _ = build_step(kind, size, device)
+    step = build_step(kind, size, device)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.arange(batch, device=device) % NUM_CLASSES
     for _ in range(warmup):
@@ -122,25 +100,8 @@ def time_pipeline(dataset: ImageTensorDataset, batch: int, workers: int, batches
     size = dataset.images.shape[-1]
     source = dataset.as_uint8() if on_device else dataset.with_transform(hdkd_train_transforms(size))
     loader = make_loader(source, batch, train=True, workers=workers, pin_memory=device.type == "cuda", num_processes=1)
-    augment = batch_hdkd_train_transforms(size) if on_device else None
-    seen, start, iterator = 0, None, iter(loader)
-    for index in range(batches + 1):
-        try:
-            images, _ = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            images, _ = next(iterator)
-        images = images.to(device, non_blocking=True)
-        if augment is not None:
-            images = augment(images)
-        if index == 0:  # the first batch pays for the workers' start
-            synchronize(device)
-            start = time.perf_counter()
-            continue
-        seen += images.shape[0]
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"images_per_sec": seen / elapsed, "bytes_per_batch": int(batch * 3 * size * size * (1 if on_device else 4))}
+    measured = input_pipeline.time_pipeline(loader, batches, device, batch_hdkd_train_transforms(size) if on_device else None)
+    return {"images_per_sec": measured["images_per_s"], "bytes_per_batch": int(batch * 3 * size * size * (1 if on_device else 4))}
 
 
 def time_training_with_data(dataset: ImageTensorDataset, batch: int, workers: int, steps: int, device: torch.device) -> dict[str, float]:
@@ -152,7 +113,7 @@ def time_training_with_data(dataset: ImageTensorDataset, batch: int, workers: in
     on the device is part of the step's time here (the pipeline table times it alone).
     """
     size = dataset.images.shape[-1]
-    step, _ = build_step("distill", size, device)
+    step = build_step("distill", size, device)
     loader = make_loader(dataset.as_uint8(), batch, train=True, workers=workers, pin_memory=device.type == "cuda", num_processes=1)
     augment = batch_hdkd_train_transforms(size)
     iterator = iter(loader)
@@ -184,16 +145,12 @@ def time_training_with_data(dataset: ImageTensorDataset, batch: int, workers: in
 # --------------------------------------------------------------------------- the experiment
 def write_brain_layout(root: Path, train_per_class: int, test_per_class: int, size: int) -> Path:
     """JPEGs in the Kaggle Brain Tumor MRI layout (``brain_tumor_mri/Training|Testing/<class>/``)."""
-    data = synthetic_images(NUM_CLASSES * (train_per_class + test_per_class), size, seed=1)
-    counts = {split: 0 for split in ("Training", "Testing")}
-    for index in range(len(data)):
-        label = int(data.labels[index])
+    images = synthetic_dataset(NUM_CLASSES * (train_per_class + test_per_class), size, seed=1).images
+    for index, image in enumerate(images):
         split = "Training" if index < NUM_CLASSES * train_per_class else "Testing"
-        folder = root / "brain_tumor_mri" / split / BRAIN_CLASSES[label]
+        folder = root / "brain_tumor_mri" / split / BRAIN_CLASSES[index % NUM_CLASSES]
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = data.images[index].permute(1, 2, 0).numpy().astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
-        counts[split] += 1
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.jpg", quality=90)
     return root
 
 
@@ -302,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         name: time_model_step(kind, args.image_size, args.batch_size, args.steps, warmup, device)
         for name, kind in (("teacher (supervised)", "teacher"), ("HDKD distillation", "distill"))
     }
-    data = synthetic_images(args.images, args.image_size)
+    data = synthetic_dataset(args.images, args.image_size)
     batches = max(4, min(64, args.images // args.batch_size))
     pipes = []
     for workers in args.workers:
