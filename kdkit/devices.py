@@ -21,6 +21,7 @@ __all__ = [
     "MIXED_PRECISION_CHOICES",
     "accelerator_available",
     "augment_on_device",
+    "cores_per_process",
     "default_workers",
     "resolve_mixed_precision",
 ]
@@ -74,9 +75,13 @@ def default_workers() -> int:
     """Loader worker processes: none on the CPU (they compete with training for the cores), up to 8 on a GPU."""
     if not accelerator_available():
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(8, cores // processes - 1))
+    return max(1, min(8, cores_per_process() - 1))
+
+
+def cores_per_process() -> int:
+    """The CPU cores this process may use, shared evenly by the processes of this machine (``LOCAL_WORLD_SIZE``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux only
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def augment_on_device(place: str) -> bool:

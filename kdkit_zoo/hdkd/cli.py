@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
@@ -199,11 +198,7 @@ def set_cpu_threads(threads: int | None) -> None:
     """Sets torch's CPU threads: ``threads``, or the available cores shared by the local processes."""
     # `accelerate launch` exports OMP_NUM_THREADS=1 when it cannot count physical cores, which
     # halves CPU training speed on a two-core machine; share the available cores instead.
-    if threads is None:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux only
-        threads = max(1, cores // local_processes)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(devices.cores_per_process() if threads is None else threads)
 
 
 def configure_logging() -> None:

@@ -99,24 +99,32 @@ def check_runs_fit(config: ExperimentConfig, pool: ImageTensorDataset, planned: 
     )
 
 
+def _model_on_meta(name: str, image_size: int, what: str, num_classes: int = 2) -> nn.Module:
+    """``name`` built on the ``meta`` device and run once on ``image_size`` images: shapes only, no memory or compute.
+
+    Raises:
+        ValueError: The model fails on ``image_size`` images; the message names ``what`` it is and its error.
+    """
+    with torch.device("meta"):  # eval: batch norm over one image trains on nothing
+        model = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, image_size)).eval()
+    try:
+        model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except Exception as error:  # whatever the model raises on the wrong size
+        raise ValueError(
+            f"{what} {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
+            "choose a model without a fixed input size, or another --image-size"
+        ) from error
+    return model
+
+
 def check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
     """Fails before anything trains if a baseline cannot take ``image_size`` images (a ViT built for 224 px).
-
-    The check runs a forward pass on the ``meta`` device: shapes only, no memory or compute.
 
     Raises:
         ValueError: A baseline fails on ``image_size`` images; the message names it and its error.
     """
     for name in baselines:
-        with torch.device("meta"):
-            model = timm.create_model(name, num_classes=2).eval()  # batch norm over one image trains on nothing
-        try:
-            model(torch.empty(1, 3, image_size, image_size, device="meta"))
-        except Exception as error:  # whatever the model raises on the wrong size
-            raise ValueError(
-                f"baseline {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
-                "choose a model without a fixed input size, or another --image-size"
-            ) from error
+        _model_on_meta(name, image_size, "baseline")
 
 
 def model_kwargs(model_name: str, image_size: int) -> dict[str, int]:
@@ -153,17 +161,7 @@ def check_models(config: ExperimentConfig, num_classes: int) -> None:
         ValueError: What fails, with the setting to change.
     """
     names = {"teacher": config.teacher_model, "student": config.student_model, "alone": config.alone_model_name}
-    models: dict[str, nn.Module] = {}
-    for role, name in names.items():
-        with torch.device("meta"):
-            models[role] = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, config.image_size)).eval()
-        try:
-            models[role](torch.empty(2, 3, config.image_size, config.image_size, device="meta"))
-        except Exception as error:  # whatever the model raises on the wrong size
-            raise ValueError(
-                f"the {role} model {name!r} cannot take {config.image_size} x {config.image_size} images "
-                f"({type(error).__name__}: {error}); choose another model or --image-size"
-            ) from error
+    models = {role: _model_on_meta(name, config.image_size, f"the {role} model", num_classes) for role, name in names.items()}
     try:
         Distiller(models["teacher"], models["student"], losses=hdkd_losses(config), taps=config.feature_taps,
                   input_size=config.image_size).remove_hooks()
