@@ -18,9 +18,13 @@ class-name mismatches all raise :class:`CheckpointError` with the details.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
+import socket
 import stat
+import time
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -35,15 +39,23 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "atomic_write_text",
+    "clean_stale_temporaries",
     "fsync_dir",
     "load_model",
     "load_safetensors",
+    "owned_temporary",
     "read_metadata",
     "save_model",
     "save_safetensors",
 ]
 
+logger = logging.getLogger(__name__)
+
 PathType = str | PathLike[str]
+
+# How old a temporary file whose writer cannot be checked (another host, an unknown name) must
+# be before clean_stale_temporaries removes it: a write takes minutes at most, not a day.
+STALE_AFTER_SECONDS = 24 * 60 * 60
 
 # Stored raw (not JSON-encoded) so that other safetensors tools recognise PyTorch files.
 _FORMAT_KEY = "format"
@@ -75,22 +87,106 @@ def _fsync_file(path: PathType) -> None:
         os.fsync(handle.fileno())
 
 
+# .<name>.<host>.<pid>.<token>.tmp, as owned_temporary names them.
+_OWNED_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{12})\.tmp$")
+
+
+def _host_tag() -> str:
+    # Host names may hold dots (node1.cluster): kept to the characters the pattern above reads.
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "unknown-host"
+
+
+def owned_temporary(path: str | os.PathLike) -> Path:
+    """Create an empty temporary file next to ``path`` that names its writer.
+
+    The name is ``.<name>.<host>.<pid>.<token>.tmp``: the host and process id let
+    :func:`clean_stale_temporaries` tell a file left behind by a killed writer from one still
+    being written.
+
+    Args:
+        path: The file the temporary one will replace.
+
+    Returns:
+        The new, empty temporary file (created exclusively, with the umask's default mode).
+    """
+    path = Path(path)
+    while True:
+        candidate = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+
+
+def _process_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` of this host runs; None where that cannot be told."""
+    if os.name == "nt" or pid <= 0:
+        # On Windows os.kill(pid, 0) sends CTRL_C_EVENT; pid 0 would mean our process group.
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
+def clean_stale_temporaries(
+    folder: str | os.PathLike, pattern: str = ".*.tmp", *, max_age: float = STALE_AFTER_SECONDS
+) -> list[Path]:
+    """Remove the temporary files in ``folder`` that no live process is writing.
+
+    A file named by :func:`owned_temporary` on this host (by host name) is removed when its
+    process no longer runs, and kept while it does, whatever its age: a live writer's file is
+    never removed (nor one whose process id has since been reused).
+    Other files matching ``pattern``, such as those of kdkit before temporary files named their
+    writer, or ones written on another host sharing the folder, are removed only
+    once unmodified for ``max_age`` seconds. Files that vanish or cannot be removed meanwhile are
+    left alone.
+
+    Args:
+        folder: The folder to clean (not its subfolders).
+        pattern: Glob pattern of the temporary files, e.g. ``".*.pt.*.tmp"``.
+        max_age: Seconds after its last modification that a file whose writer cannot be
+            checked is taken to be abandoned.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    host, now = _host_tag(), time.time()
+    for candidate in Path(folder).glob(pattern):
+        try:
+            if not candidate.is_file():
+                continue
+            owner = _OWNED_TEMPORARY.match(candidate.name)
+            alive = _process_alive(int(owner["pid"])) if owner and owner["host"] == host else None
+            if alive is None:
+                alive = now - candidate.stat().st_mtime < max_age
+            if alive:
+                continue
+            candidate.unlink()
+        except OSError:  # gone already (its writer finished), or not ours to remove
+            continue
+        logger.info("Removed stale temporary file %s", candidate)
+        removed.append(candidate)
+    return removed
+
+
 def _new_sibling(path: Path) -> tuple[Path, int]:
-    """Creates an empty temporary file next to ``path``.
+    """Creates an empty temporary file next to ``path``, named for its writer (:func:`owned_temporary`).
 
     Returns:
         The file and the mode a plain write would leave ``path`` with: its current mode if it
         exists, else the umask's default for a new file (which the temporary file was created
         with; :func:`tempfile.mkstemp` would make it private, 0600).
     """
-    while True:
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        break
+    candidate = owned_temporary(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -102,7 +198,8 @@ def atomic_write(path: PathType, write_fn: Callable[[Path], Any]) -> Path:
     """Writes ``path`` atomically.
 
     ``write_fn(tmp_path)`` writes the complete content to ``tmp_path``, a fresh file in the
-    same directory as ``path``. The temporary file is then fsynced and renamed over ``path``
+    same directory as ``path`` named for its writer (:func:`owned_temporary`), so that one a
+    kill leaves behind is removed by :func:`clean_stale_temporaries`. The temporary file is then fsynced and renamed over ``path``
     (:func:`os.replace`), and the directory entry is fsynced. If ``write_fn`` raises, the
     temporary file is removed and ``path`` is left untouched. The file ends up with the
     permissions a plain write would give it: those of the file it replaces, or the umask's

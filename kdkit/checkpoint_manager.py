@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_text, fsync_dir, read_metadata
+from .fingerprint import fingerprint_differences
 from .schedulers import LRSchedule
 from .taps import unwrap_model
 from .train_config import RESUME_FREE_FIELDS
@@ -40,7 +41,9 @@ __all__ = [
     "STATE_VERSION",
     "CheckpointManager",
     "ResumeError",
+    "RunExistsError",
     "checkpoint_epoch",
+    "describe_run",
     "find_checkpoint",
     "model_signature",
     "read_state",
@@ -57,6 +60,10 @@ STATE_VERSION = 1
 
 class ResumeError(ValueError):
     """A checkpoint cannot be resumed with this trainer (different config, model, data or classes)."""
+
+
+class RunExistsError(FileExistsError):
+    """A fresh start (no resume) over a folder that holds a run's results, without ``overwrite``."""
 
 
 def _is_complete(path: Path) -> bool:
@@ -101,6 +108,34 @@ def checkpoint_epoch(path: PathType) -> int | None:
     """
     found = find_checkpoint(path)
     return None if found is None else int(read_state(found)["epoch"])
+
+
+def describe_run(output_dir: PathType) -> str | None:
+    """What a fresh start in ``output_dir`` would throw away, in words; ``None`` when nothing.
+
+    A run folder holds a checkpoint (a finished or an interrupted run) and/or a best model.
+    """
+    output_dir = Path(output_dir)
+    found = find_checkpoint(output_dir / "checkpoints")
+    parts: list[str] = []
+    if found is not None:
+        try:
+            saved = read_state(found)
+            epochs = saved.get("config", {}).get("epochs")
+            state = "a finished run" if saved.get("finished") else "an interrupted run"
+            parts.append(f"{state} (checkpoint after epoch {saved.get('epoch')} of {epochs}, {found})")
+        except ResumeError:
+            parts.append(f"a checkpoint ({found})")
+    best = output_dir / "best_model.safetensors"
+    if best.is_file():
+        try:
+            meta = read_metadata(best)
+            value = meta.get("metric_value")
+            detail = f"epoch {meta.get('epoch')}" + (f", val {meta.get('select_metric')} {value:.4g}" if isinstance(value, (int, float)) else "")
+        except Exception:  # an unreadable best model is still a file a fresh start replaces
+            detail = "unreadable metadata"
+        parts.append(f"its best model ({best}, {detail})")
+    return " and ".join(parts) or None
 
 
 def model_signature(task: nn.Module) -> dict[str, Any]:
@@ -260,8 +295,11 @@ class CheckpointManager:
         """Refuses to resume ``saved`` (a checkpoint's state) with a trainer whose state is ``current``.
 
         Every config field except :data:`~kdkit.train_config.RESUME_FREE_FIELDS`, the model
-        signature, the class names, and (unless the run is finished, so only collected) the
-        number of processes and of optimizer updates per epoch must agree.
+        signature, the class names, the run's fingerprint (:mod:`kdkit.fingerprint`: the
+        teachers' weights, the objective with its weights and options, the data's items and
+        labels) and (unless the run is finished, so only collected) the number of processes and
+        of optimizer updates per epoch must agree. The input shape is compared at the resumed
+        run's first batch.
 
         Raises:
             ResumeError: Listing every difference.
@@ -280,6 +318,8 @@ class CheckpointManager:
                 f"model: checkpoint {old.get('task')}/{old.get('student')} with {old.get('num_tensors')} tensors, "
                 f"now {model['task']}/{model['student']} with {model['num_tensors']} tensors"
                 + (" (same classes, different names or shapes)" if old.get("student") == model["student"] else ""))
+        if saved.get("fingerprint") and current.get("fingerprint"):  # checkpoints before fingerprints have none
+            problems.extend(fingerprint_differences(saved["fingerprint"], current["fingerprint"]))
         if saved.get("class_names") != current["class_names"]:
             problems.append(f"class_names: checkpoint {saved.get('class_names')}, now {current['class_names']}")
         # A finished run is only collected, so another number of processes (which changes the

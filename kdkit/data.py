@@ -16,7 +16,10 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -30,12 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ._progress import progress_bar
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, clean_stale_temporaries
+from .fingerprint import tensor_digest
 
 __all__ = [
     "CACHE_DIR_ENV",
     "CorruptImageError",
     "ImageTensorDataset",
+    "SplitError",
     "balanced_subset_indices",
     "batches_per_process",
     "eval_transforms",
@@ -58,12 +63,21 @@ _SPLIT_FOLDER_ALIASES = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
-# Bump when decoding changes so that stale caches are not reused.
-_CACHE_FORMAT_VERSION = 1
+# Bump when decoding changes so that stale caches are not reused. 2: images of more than 8 bits
+# (16-bit, 32-bit integer and float) are scaled by their range instead of clipped or truncated;
+# caches of version 1 whose files all decode as before are renamed, not decoded again
+# (_cache_file).
+_CACHE_FORMAT_VERSION = 2
+# Temporary files of decoded-image caches (those of atomic_write and ours): cleaned at each use.
+_CACHE_TEMPORARIES = ".*.pt.*.tmp"
 
 
 class CorruptImageError(ValueError):
     """An image file that exists but cannot be decoded (truncated, corrupt or not an image)."""
+
+
+class SplitError(ValueError):
+    """A stratified split that the data cannot give: too few images, or a class of one image."""
 
 
 # --------------------------------------------------------------------------- locations
@@ -203,6 +217,24 @@ class ImageTensorDataset(Dataset):
         view._keep_uint8 = True
         return view
 
+    def fingerprint(self) -> dict[str, object]:
+        """What this dataset holds, for :func:`kdkit.fingerprint.dataset_fingerprint`: its size,
+        image shape, classes, label range and a digest of its images (rows) and labels.
+
+        The stored images are hashed once per process however many subsets share them.
+        """
+        digest = hashlib.sha256(tensor_digest(self._storage).encode())
+        if self._rows is not None:
+            digest.update(tensor_digest(self._rows).encode())
+        digest.update(tensor_digest(self.labels).encode())
+        digest.update("\0".join(self.classes).encode())
+        record: dict[str, object] = {"kind": type(self).__name__, "size": len(self),
+                                     "image_shape": list(self._storage.shape[1:]), "classes": list(self.classes)}
+        if len(self.labels):
+            record["label_range"] = [int(self.labels.min()), int(self.labels.max())]
+        record["digest"] = digest.hexdigest()
+        return record
+
     def class_counts(self) -> dict[str, int]:
         """Number of items per class, in ``classes`` order."""
         counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
@@ -216,22 +248,141 @@ class ImageTensorDataset(Dataset):
 # --------------------------------------------------------------------------- decoding
 
 
+# Modes PIL opens grayscale images of more than 8 bits in: 16-bit unsigned ("I;16" in its byte
+# orders), 32-bit signed ("I", also 16-bit signed TIFFs) and 32-bit float ("F").
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# PIL has no 16-bit colour modes: it decodes 16-bit RGB and RGBA files (PNG, TIFF) to 8 bits by
+# keeping the high byte of each sample, so 12-bit data comes out almost black. Decoded a second
+# time with the opposite byte order, the same unpacker keeps the low byte instead (the PNG
+# filters and TIFF codecs work on whole bytes before unpacking, so they are unaffected).
+_OPPOSITE_BYTE_ORDER = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+_WIDE_COLOUR_RAWMODES = frozenset(f"{bands};16{order}" for bands in ("RGB", "RGBA") for order in "BLN")
+# 16-bit gray with alpha (PNG) opens as RGBA from the high bytes; the plain 8-bit RGBA unpacker
+# has the same 4 bytes per pixel and hands them over as they are: gray high, gray low, alpha.
+_WIDE_GRAY_ALPHA_RAWMODE = "LA;16B"
+
+
 def _check_on_corrupt(on_corrupt: str) -> None:
     if on_corrupt not in ("error", "skip"):
         raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
 
 
+@contextmanager
+def _open_image(path: str | Path, *, warn: bool = True) -> Iterator[Image.Image]:
+    """``Image.open``, with PIL's decompression-bomb warning replaced by one naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
+        limit = Image.MAX_IMAGE_PIXELS
+        if warn and limit and image.width * image.height > limit:
+            logger.warning(
+                "%s has %d pixels, more than PIL.Image.MAX_IMAGE_PIXELS = %d (a possible decompression "
+                "bomb); decoding it all the same (over twice the limit it would be refused)",
+                path,
+                image.width * image.height,
+                limit,
+            )
+        yield image
+
+
+def _rawmode(image: Image.Image) -> str | None:
+    """The raw mode PIL will decode ``image`` from (before ``load``), if one for all its tiles."""
+    rawmodes = {tile[3] if isinstance(tile[3], str) else tile[3][0] for tile in image.tile if tile[3]}
+    rawmode = rawmodes.pop() if len(rawmodes) == 1 else None
+    return rawmode if isinstance(rawmode, str) else None  # GIF's arguments, for one, are numbers
+
+
+def _set_rawmode(image: Image.Image, rawmode: str) -> None:
+    tiles = []
+    for tile in image.tile:
+        codec, extents, offset, args = tile
+        args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+        # ImageFile._Tile (a named tuple) in Pillow 11 and later, a plain tuple before.
+        tiles.append((codec, extents, offset, args) if type(tile) is tuple else type(tile)(codec, extents, offset, args))
+    image.tile = tiles
+
+
+def _wide_kind(image: Image.Image) -> str | None:
+    """How to read an opened, not yet loaded image of more than 8 bits per sample, or None for
+    8-bit images (and every other format), which PIL converts itself."""
+    if image.mode in _WIDE_GRAY_MODES:
+        return "float" if image.mode == "F" else "gray"
+    rawmode = _rawmode(image)
+    if image.mode in ("RGB", "RGBA") and rawmode in _WIDE_COLOUR_RAWMODES:
+        return "colour"
+    if image.mode == "RGBA" and rawmode == _WIDE_GRAY_ALPHA_RAWMODE:
+        return "gray+alpha"
+    return None
+
+
+def _wide_samples(path: str | Path, image: Image.Image, kind: str) -> np.ndarray:
+    """The samples of a :func:`_wide_kind` image at their full depth, EXIF orientation applied:
+    ``H x W`` for gray (alpha dropped), ``H x W x 3`` for colour (alpha dropped)."""
+    if kind in ("gray", "float"):
+        return np.array(ImageOps.exif_transpose(image))
+    if kind == "gray+alpha":
+        _set_rawmode(image, "RGBA")
+        raw = np.array(ImageOps.exif_transpose(image)).astype(np.uint16)
+        return raw[..., 0] << 8 | raw[..., 1]
+    rawmode = _rawmode(image)
+    high = np.array(ImageOps.exif_transpose(image))[..., :3].astype(np.uint16)
+    with _open_image(path, warn=False) as again:
+        _set_rawmode(again, rawmode[:-1] + _OPPOSITE_BYTE_ORDER[rawmode[-1]])
+        low = np.array(ImageOps.exif_transpose(again))[..., :3].astype(np.uint16)
+    return high << 8 | low
+
+
+def _scale_to_uint8(samples: np.ndarray, *, is_float: bool) -> np.ndarray:
+    """Samples of more than 8 bits as uint8, by the rule documented in :func:`load_imagefolder`."""
+    values = samples.astype(np.float64)
+    if is_float:
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise ValueError(
+                f"{int((~finite).sum())} of its {values.size} pixel values are NaN or infinite; "
+                "fix or remove the file"
+            )
+        low, high = float(values.min()), float(values.max())
+        if low >= 0 and high <= 1:
+            return np.rint(values * 255).astype(np.uint8)
+    else:
+        # Zero stays black in unsigned images; signed ones (CT in Hounsfield units) start at their minimum.
+        low, high = min(0.0, float(values.min())), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - low) * (255 / (high - low))), 0, 255).astype(np.uint8)
+
+
 def _read_rgb(path: str | Path, image_size: int) -> np.ndarray:
-    with Image.open(path) as image:
+    with _open_image(path) as image:
         # Lets the JPEG decoder scale down by 1/2..1/8 while decoding, far cheaper than a
         # full-size decode followed by a resize; a no-op for other formats.
         image.draft("RGB", (image_size, image_size))
-        image = ImageOps.exif_transpose(image)
-        if image.mode == "P":
-            # Palette transparency only survives (and converts without a warning) via RGBA.
-            image = image.convert("RGBA")
-        image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
+        kind = _wide_kind(image)
+        if kind is None:
+            # 8-bit images: exactly as before version 2 of the cache, whose entries they reuse.
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "P":
+                # Palette transparency only survives (and converts without a warning) via RGBA.
+                image = image.convert("RGBA")
+            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
+        samples = _wide_samples(path, image, kind)
+    pixels = Image.fromarray(_scale_to_uint8(samples, is_float=kind == "float"))
+    return np.array(pixels.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
+
+
+def _decodes_differently(path: Path) -> bool:
+    """Whether ``path`` holds an image of more than 8 bits, which version 1 of the cache decoded
+    wrongly; False for 8-bit images and for files that cannot be opened (unchanged either way)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return _wide_kind(image) is not None
+    except Exception:  # whatever PIL cannot open fails to decode now as it did then
+        return False
 
 
 def _decode_images(
@@ -254,10 +405,17 @@ def _decode_images(
     for position, path in enumerate(progress_bar(paths, desc=description, unit="img", disable=not progress)):
         try:
             pixels = _read_rgb(path, image_size)
-        except (OSError, SyntaxError, ValueError) as error:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            reason = str(error)
+            if isinstance(error, Image.DecompressionBombError):
+                # PIL's message gives the pixel count and its limit, but neither the file nor the fix.
+                reason += (
+                    " (refused as a possible decompression bomb: PIL.Image.MAX_IMAGE_PIXELS is "
+                    f"{Image.MAX_IMAGE_PIXELS}; if the file is trusted, raise it)"
+                )
             if on_corrupt == "error":
-                raise CorruptImageError(f"Cannot decode image {path}: {error}") from error
-            logger.warning("Skipping unreadable image %s: %s", path, error)
+                raise CorruptImageError(f"Cannot decode image {path}: {reason}") from error
+            logger.warning("Skipping unreadable image %s: %s", path, reason)
             skipped.append(str(path))
             continue
         images[len(kept)] = torch.from_numpy(pixels).permute(2, 0, 1)
@@ -271,18 +429,44 @@ def _decode_images(
 # --------------------------------------------------------------------------- cache
 
 
+def _cache_key(version: int, image_size: int, stats: Sequence[tuple[str, Path, os.stat_result]]) -> str:
+    digest = hashlib.sha256(f"v{version} size={image_size}\n".encode())
+    for group, path, stat in stats:
+        digest.update(f"{group}\t{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
 def _cache_file(
     cache_dir: str | os.PathLike | None,
     name: str,
     files: Sequence[tuple[str, Path]],
     image_size: int,
 ) -> Path:
-    """Cache path keyed by the (group, path, size, mtime) of every file and the image size."""
-    digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION} size={image_size}\n".encode())
-    for group, path in files:
-        stat = path.stat()
-        digest.update(f"{group}\t{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return _resolve_cache_dir(cache_dir) / f"{name}-{image_size}px-{digest.hexdigest()[:20]}.pt"
+    """Cache path keyed by the (group, path, size, mtime) of every file, the image size and the
+    decoder's version (:data:`_CACHE_FORMAT_VERSION`).
+
+    Using the folder first removes its stale temporary files (:func:`clean_stale_temporaries`).
+    A cache of version 1 (before images of more than 8 bits were scaled by their range) is
+    renamed to the current key when no file decodes differently now (its images are the same;
+    checking costs one header read per file, once), and removed otherwise.
+    """
+    folder = _resolve_cache_dir(cache_dir)
+    if folder.is_dir():
+        clean_stale_temporaries(folder, _CACHE_TEMPORARIES)
+    stats = [(group, path.resolve(), path.stat()) for group, path in files]
+    prefix = f"{name}-{image_size}px-"
+    current = folder / f"{prefix}{_cache_key(_CACHE_FORMAT_VERSION, image_size, stats)}.pt"
+    previous = folder / f"{prefix}{_cache_key(1, image_size, stats)}.pt"
+    if not current.exists() and previous.is_file():
+        if any(_decodes_differently(path) for _, path, _ in stats):
+            logger.info("Decoding again: cache %s predates the decoding of images of more than 8 bits", previous)
+            previous.unlink(missing_ok=True)
+        else:
+            try:
+                os.replace(previous, current)
+            except FileNotFoundError:  # another process renamed it first
+                pass
+    return current
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -298,8 +482,18 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _write_cache(path: Path, payload: dict) -> None:
-    # Atomic, so that readers (other workers) never see a half-written cache.
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """Write ``payload`` atomically, so that readers (other workers) never see a half-written cache.
+
+    The temporary file names its writer (:func:`kdkit.checkpoint.atomic_write`), so that one a
+    kill left behind is removed the next time the cache folder is used, while a live writer's is
+    kept. A cache that cannot be written is a warning: the images are decoded and in memory all
+    the same.
+    """
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        logger.warning("Could not write the decoded-image cache %s (%s); the next load decodes again", path, error)
+        return
     logger.info("Cached decoded images in %s", path)
 
 
@@ -373,11 +567,29 @@ def load_imagefolder(
     """Load a Kaggle/ImageNet-style ``<split>/<class>/<image>`` folder.
 
     Every image is converted to RGB (grayscale, RGBA and palette images included), resized to
-    ``image_size x image_size`` with antialiasing and stored as uint8. The result is cached in
-    ``cache_dir`` keyed by the file list (paths, sizes, modification times) and the image size,
-    so a repeated call skips decoding. Files without an image extension (``notes.txt``) and
-    hidden files (``.DS_Store``) are ignored. Class names are the sorted class folder names of
-    all splits together, so labels agree across splits.
+    ``image_size x image_size`` with antialiasing and stored as uint8. Images of more than 8
+    bits per sample (16-bit grayscale or colour PNG and TIFF, 32-bit integer and float TIFF,
+    as MRI and CT slices are often exported) are scaled to 0..255 by their own range first:
+
+    * integer images: ``[min(0, image minimum), image maximum]`` maps linearly to 0..255, so an
+      unsigned image keeps 0 as black and its maximum as white, and a signed one (CT in
+      Hounsfield units) runs from its minimum; a constant image is white, or black when its
+      value is 0 or below (an empty range). Colour images use one range over their red, green
+      and blue samples, so their colours keep their balance;
+    * float images: values within [0, 1] map to ``value * 255``; otherwise the image's
+      minimum..maximum maps to 0..255 (a constant image is black). A NaN or infinite pixel
+      makes the file unreadable (see ``on_corrupt``);
+
+    then rounded to the nearest integer, replicated to three channels (for gray images; alpha is
+    dropped, as for 8-bit images) and resized like 8-bit images. 8-bit images are converted by
+    PIL as they always were.
+
+    The result is cached in ``cache_dir`` keyed by the file list (paths, sizes, modification
+    times), the image size and the decoder's version, so a repeated call skips decoding; the
+    temporary files of cache writes that were killed are removed the next time the folder is
+    used. Files without an image extension (``notes.txt``) and hidden files (``.DS_Store``) are ignored.
+    Class names are the class folder names, the same in every split (so labels agree across
+    splits), at least two of them.
 
     Args:
         path: The data set folder.
@@ -386,8 +598,11 @@ def load_imagefolder(
             whichever of ``train``/``training``, ``val``/``valid``/``validation`` and
             ``test``/``testing`` exist (case-insensitive), else ``path`` itself as ``"train"``.
         cache_dir: Cache folder; default ``$KDKIT_CACHE_DIR`` or ``~/.cache/kdkit``.
-        on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming an unreadable file;
-            ``"skip"`` leaves it out, logs a warning and lists it in ``dataset.skipped``.
+        on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming an unreadable file
+            (truncated, not an image, NaN pixels, or over twice ``PIL.Image.MAX_IMAGE_PIXELS``
+            pixels, a possible decompression bomb; over the limit itself, an image is decoded
+            with a warning naming it); ``"skip"`` leaves it out, logs a warning and lists it in
+            ``dataset.skipped``.
         progress: Show progress bars.
 
     Returns:
@@ -396,6 +611,9 @@ def load_imagefolder(
     Raises:
         FileNotFoundError: ``path`` or a split folder does not exist.
         ValueError: A split has no class folders, or a class folder has no images.
+        kdkit.image_data.ImageDataError: Class folders that differ between splits (a class
+            missing from one, or names equal only when case is ignored, ``Training/pituitary``
+            against ``Testing/Pituitary``), or a single class. It is a ValueError.
         CorruptImageError: An unreadable image with ``on_corrupt="error"``.
     """
     _check_on_corrupt(on_corrupt)
@@ -410,6 +628,7 @@ def load_imagefolder(
     extensions = _image_extensions()
     files = {name: _list_class_images(folder, extensions) for name, folder in split_dirs.items()}
     classes = sorted({file.parent.name for split_files in files.values() for file in split_files})
+    _check_classes(root, files, split_dirs, classes)
 
     cache = _cache_file(
         cache_dir,
@@ -435,6 +654,22 @@ def load_imagefolder(
         )
         for name, split in payload["splits"].items()
     }
+
+
+def _check_classes(
+    root: Path, files: Mapping[str, Sequence[Path]], split_dirs: Mapping[str, Path], classes: Sequence[str]
+) -> None:
+    """The class checks of :func:`kdkit.image_data.load_image_data`, on a listed folder."""
+    # Imported here: kdkit.image_data builds on this module, which must not import it first.
+    from .image_data import _check_same_classes, _refuse_single_class
+
+    found = {split: {} for split in files}
+    for split, split_files in files.items():
+        for file in split_files:
+            found[split].setdefault(file.parent.name, []).append(file)
+    _check_same_classes(root, found, split_dirs)
+    first = next(iter(split_dirs.values()))
+    _refuse_single_class(root, classes, first / classes[0])
 
 
 def _decode_imagefolder(
@@ -607,28 +842,75 @@ def balanced_subset_indices(
 
 
 def stratified_split_indices(
-    labels: Sequence[int] | np.ndarray | Tensor, val_fraction: float, seed: int
+    labels: Sequence[int] | np.ndarray | Tensor,
+    val_fraction: float,
+    seed: int,
+    *,
+    name: str = "the data set",
+    classes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split positions into train and validation parts with the same class proportions.
 
     Use it to carve a validation set out of the training data, so that model selection never
-    looks at the test set.
+    looks at the test set. The validation part has ``ceil(val_fraction * len(labels))`` items
+    (sklearn's ``train_test_split``).
 
     Args:
         labels: Class index of each item.
         val_fraction: Fraction of items for validation, in (0, 1).
         seed: Seed of the split.
+        name: What ``labels`` belong to, for errors, e.g. ``"the images of Training/"``.
+        classes: Class names, for errors; by default classes are named by their index.
 
     Returns:
         ``(train_positions, val_positions)``, each sorted.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1).
+        SplitError: Too few items for the split: a class with a single item, or fewer items on a
+            side than there are classes. The message names the set, its size, classes and
+            fraction, and the fraction or images that would do.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     labels = np.asarray(labels)
-    train_positions, val_positions = train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
-    )
+    _check_splittable(labels, val_fraction, name, classes)
+    try:
+        train_positions, val_positions = train_test_split(
+            np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:  # anything the checks above did not foresee: still named
+        raise SplitError(f"Cannot split {name} ({len(labels)} images) with val_fraction={val_fraction}: {error}") from error
     return np.sort(train_positions), np.sort(val_positions)
+
+
+def _check_splittable(labels: np.ndarray, val_fraction: float, name: str, classes: Sequence[str] | None) -> None:
+    """Raise :class:`SplitError` where sklearn's stratified ``train_test_split`` would refuse."""
+    values, counts = np.unique(labels, return_counts=True)
+
+    def named(value) -> str:
+        return repr(classes[int(value)]) if classes is not None else f"class {value}"
+
+    where = f"Cannot split {name} ({len(labels)} images of {len(values)} classes) with val_fraction={val_fraction}"
+    if single := [named(value) for value, count in zip(values, counts) if count == 1]:
+        raise SplitError(
+            f"{where}: {', '.join(single)} {'has' if len(single) == 1 else 'have'} a single image, and a "
+            "stratified split needs at least 2 of every class; add images of it or leave it out"
+        )
+    val_count = math.ceil(val_fraction * len(labels))  # as train_test_split rounds
+    train_count = len(labels) - val_count
+    if val_count < len(values):
+        lowest = math.ceil(len(values) / len(labels) * 100) / 100
+        advice = f"raise val_fraction to at least {lowest:.2f} or add images" if lowest < 1 else "add images"
+        raise SplitError(
+            f"{where}: that gives {val_count} validation image(s), fewer than the {len(values)} classes "
+            f"(every class needs one); {advice}"
+        )
+    if train_count < len(values):
+        raise SplitError(
+            f"{where}: that leaves {train_count} training image(s), fewer than the {len(values)} classes "
+            "(every class needs one); lower val_fraction or add images"
+        )
 
 
 # --------------------------------------------------------------------------- transforms

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from typing import Literal
@@ -14,8 +15,19 @@ from torch import Tensor, nn
 
 from .adapters import build_alignment
 from .checkpoint import save_model
+from .fingerprint import module_options
 from .losses import LOSSES
-from .outputs import StepOutput, mean_of_heads
+from .outputs import (
+    LogitsFrom,
+    StepOutput,
+    check_images,
+    check_labels,
+    stable_name,
+    has_distillation_head,
+    mean_of_heads,
+    model_heads,
+    select_output,
+)
 from .taps import FeatureTaps, TapSpec, match_taps, unwrap_model
 
 __all__ = ["Distiller", "LossTerm"]
@@ -53,19 +65,25 @@ class LossTerm:
         if isinstance(loss, str):
             self.module = LOSSES.build(loss, **options)
             self.name = name or loss
+            self.loss_name = loss
         else:
             if options:
                 raise TypeError(f"options {sorted(options)} only apply to a loss given by name")
             self.module = loss
             self.name = name or type(loss).__name__
+            self.loss_name = type(loss).__qualname__
         kind = getattr(self.module, "inputs", None)
         if kind not in _INPUT_KINDS:
             raise TypeError(
                 f"loss {self.name!r} ({type(self.module).__name__}) must derive from kdkit.losses.LabelLoss, "
                 "LogitLoss or FeatureLoss so the Distiller knows what to feed it"
             )
-        if not math.isfinite(weight):
-            raise ValueError(f"loss {self.name!r} has a non-finite weight {weight}")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"loss {self.name!r} has weight {weight!r}: weights are finite numbers >= 0 "
+                             "(a negative weight would maximise the term)")
+        for option, value in module_options(self.module).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"loss {self.name!r}: option {option}={value} is not finite; every step's term would be NaN")
         self.kind: str = kind
         self.weight = float(weight)
         self.pairs = None if pairs is None else list(pairs)
@@ -75,17 +93,25 @@ class LossTerm:
     def __repr__(self) -> str:
         return f"LossTerm({self.name!r}, weight={self.weight})"
 
+    def describe(self) -> dict[str, object]:
+        """The term as JSON: its loss, weight, pairs and the loss module's options (for fingerprints)."""
+        return {"loss": self.loss_name, "class": type(self.module).__qualname__, "kind": self.kind,
+                "weight": self.weight, "pairs": self.pairs, "options": module_options(self.module)}
+
 
 def _as_terms(losses: Mapping[str, float] | Sequence[LossTerm] | None) -> list[LossTerm]:
     if losses is None:
         return [LossTerm("ce", 0.5), LossTerm("kl", 0.5)]
     if isinstance(losses, Mapping):
-        return [LossTerm(name, weight) for name, weight in losses.items()]
-    terms = [term if isinstance(term, LossTerm) else LossTerm(term) for term in losses]
+        terms = [LossTerm(name, weight) for name, weight in losses.items()]
+    else:
+        terms = [term if isinstance(term, LossTerm) else LossTerm(term) for term in losses]
     names = [term.name for term in terms]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"loss terms need distinct names; repeated: {duplicates} (pass name=...)")
+    if not terms or all(term.weight == 0 for term in terms):
+        raise ValueError(f"the objective has no term with a positive weight ({terms}): nothing would train")
     return terms
 
 
@@ -135,10 +161,15 @@ class Distiller(nn.Module):
             ``pretrained_cfg`` mean/std differ (or pass ``((mean, std), (mean, std))`` for
             ``(student, teacher)``).
         teacher_dtype: Run the teachers in this dtype (e.g. ``torch.bfloat16``) to save time
-            and memory; their outputs are cast back to float32.
+            and memory; their outputs are cast back to float32. Default: the teachers' own
+            dtype when they were given in a 16-bit one, else float32.
         label_head: For a student with two heads (CLS and distillation token): which head
             the label terms use. ``"cls"`` by default, as DeiT and HDKD.
         distill_head: Which head the logit-distillation terms use; ``"dist"`` by default.
+        logits_from: Where the logits are in the student's output, for a student that returns
+            more than its logits (``0`` for torchvision's Inception in training, ``"logits"``
+            for a transformers output, or a callable). Two outputs are read as (CLS,
+            distillation) heads only from a model that declares a distillation head.
     """
 
     def __init__(
@@ -157,11 +188,17 @@ class Distiller(nn.Module):
         teacher_dtype: torch.dtype | None = None,
         label_head: Head = "cls",
         distill_head: Head = "dist",
+        logits_from: LogitsFrom = None,
     ) -> None:
         super().__init__()
         teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
         if not teachers:
             raise ValueError("the Distiller needs at least one teacher")
+        if logits_from is not None and not isinstance(logits_from, (int, str)) and not callable(logits_from):
+            raise TypeError(f"logits_from must be an index, a key or a callable, got {type(logits_from).__name__}")
+        self.logits_from = logits_from
+        teacher_dtype = _teacher_dtype(teachers, teacher_dtype)
+        probe_size = _triple(input_size) if input_size is not None else None
         if align not in ("auto", "error"):
             raise ValueError(f"align must be 'auto' or 'error', got {align!r}")
         for head_name, head in (("label_head", label_head), ("distill_head", distill_head)):
@@ -205,6 +242,8 @@ class Distiller(nn.Module):
         self.tap_pairs: list[list[tuple[str, str]]] = []
         self.adapters = nn.ModuleDict()
         self._teacher_transforms: list[list[nn.Module | None]] = []
+        self.probe_size: tuple[int, ...] | None = None  # the input the feature shapes were measured on
+        self._probed_shapes: list[tuple[int, ...]] = []
         if feature_terms and taps is None:
             raise ValueError(
                 f"feature losses {[term.name for term in feature_terms]} need `taps`: "
@@ -227,7 +266,7 @@ class Distiller(nn.Module):
             ]
             # A feature loss aligns unless it says otherwise (kdkit.losses.FeatureLoss.requires_alignment).
             if any(getattr(term.module, "requires_alignment", True) for term in feature_terms):
-                self._build_adapters(_triple(input_size) if input_size is not None else None, align, adapter, feature_terms)
+                self._build_adapters(probe_size, align, adapter, feature_terms)
             else:
                 self._teacher_transforms = [[None] * len(pairs) for pairs in self.tap_pairs]
 
@@ -289,13 +328,18 @@ class Distiller(nn.Module):
         inputs = self._teacher_input(index, images)
         if not self._teacher_taps:
             with self._teacher_precision(inputs.device):
-                return mean_of_heads(model(inputs)).float(), []
+                return self._teacher_logits(index, model(inputs)), []
         taps = self._teacher_taps[index]
         with taps.capture(), self._teacher_precision(inputs.device):
-            logits = mean_of_heads(model(inputs)).float()
+            logits = self._teacher_logits(index, model(inputs))
         features = [feature.float() for feature in taps.collect()]
         transforms = self._teacher_transforms[index]
         return logits, [t(f) if t is not None else f for t, f in zip(transforms, features)]
+
+    def _teacher_logits(self, index: int, output: object) -> Tensor:
+        heads = model_heads(output, self._teachers[index], what=f"teacher {index}",
+                            fix="wrap the teacher in a module whose forward returns them")
+        return mean_of_heads(heads).float()
 
     def _teacher_precision(self, device: torch.device) -> contextlib.AbstractContextManager[object]:
         """An autocast context of ``teacher_dtype``, whatever precision the student trains in.
@@ -331,18 +375,22 @@ class Distiller(nn.Module):
         student_device = _device_of(self.student)
         student_was_training = self.student.training
         self.student.eval()
+        self.probe_size = tuple(input_size)
         try:
             with torch.no_grad():
                 assert self._student_taps is not None
                 with self._student_taps.capture():
-                    self.student(torch.zeros(2, *input_size, device=student_device))
+                    _probe(self.student, "the student", input_size,
+                           lambda: self.student(torch.zeros(2, *input_size, device=student_device)))
                 student_feats = self._student_taps.collect()
                 teacher_feats = [
-                    self._probe_teacher(i, torch.zeros(2, *input_size, device=_device_of(model)))
+                    _probe(model, f"teacher {i}", input_size,
+                           lambda i=i, model=model: self._probe_teacher(i, torch.zeros(2, *input_size, device=_device_of(model))))
                     for i, model in enumerate(self._teachers)
                 ]
         finally:
             self.student.train(student_was_training)
+        self._probed_shapes = [tuple(feature.shape[1:]) for feature in student_feats]
         student_prefix = getattr(unwrap_model(self.student), "num_prefix_tokens", None)
         for t_index, (pairs, feats) in enumerate(zip(self.tap_pairs, teacher_feats)):
             teacher_prefix = getattr(unwrap_model(self._teachers[t_index]), "num_prefix_tokens", None)
@@ -387,14 +435,19 @@ class Distiller(nn.Module):
             tensor on the batch's device (``float(v)`` reads one; the Trainer reads them once
             per logging interval, so a step waits on no host sync).
         """
+        check_images(images)
+        if labels is not None:
+            check_labels(labels, images.shape[0])
         teacher_outputs = [self._run_teacher(i, images) for i in range(len(self._teachers))]
         if self._student_taps is not None:
             with self._student_taps.capture():
                 output = self.student(images)
             student_feats = self._student_taps.collect()
+            self._check_feature_shapes(student_feats, images)
         else:
             output = self.student(images)
             student_feats = []
+        output = self.student_logits(output, heads=True)
         logits = mean_of_heads(output)
         label_logits, distill_logits = self._pick_head(output, self.label_head), self._pick_head(output, self.distill_head)
         for index, (teacher_logits, _) in enumerate(teacher_outputs):
@@ -428,13 +481,36 @@ class Distiller(nn.Module):
         # (which starts from every output) never counts a head that the logits read and no term does.
         return StepOutput(loss=total, logits=logits.detach(), terms=terms)
 
-    def _pick_head(self, output: Tensor | Sequence[Tensor], head: Head) -> Tensor:
+    def student_logits(self, output: object, *, heads: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The logits in the student's ``output`` (see ``logits_from``): the mean of its two heads,
+        or with ``heads`` the ``(cls, dist)`` pair itself.
+
+        Raises:
+            TypeError: The output holds more than logits and ``logits_from`` does not say where they are.
+        """
+        picked = model_heads(select_output(output, self.logits_from), self.student)
+        return picked if heads else mean_of_heads(picked)
+
+    def _pick_head(self, output: Tensor | tuple[Tensor, Tensor], head: Head) -> Tensor:
         if isinstance(output, Tensor) or head == "mean":
             return mean_of_heads(output)
-        heads = tuple(output)
-        if len(heads) != 2:
-            raise ValueError(f"a student with several heads must return (cls_logits, dist_logits), got {len(heads)} outputs")
-        return heads[0] if head == "cls" else heads[1]
+        return output[0] if head == "cls" else output[1]
+
+    def _check_feature_shapes(self, student_feats: Sequence[Tensor], images: Tensor) -> None:
+        """Refuses tapped features whose shape differs from the probe's where an adapter was sized by it.
+
+        A model that takes any input size (a dynamic-size ViT) gives other token counts at another
+        size than the probe's; the adapters and teacher transforms were built for the probed ones.
+        """
+        if not self.adapters:
+            return
+        for index, (feature, probed) in enumerate(zip(student_feats, self._probed_shapes)):
+            if tuple(feature.shape[1:]) != probed:
+                s_path = self.tap_pairs[0][index][1]
+                raise ValueError(
+                    f"student tap {s_path!r} gives features of shape {tuple(feature.shape[1:])} on this batch of "
+                    f"{tuple(images.shape[1:])} images, but {probed} on the {self.probe_size} probe that sized its "
+                    "adapter: build the Distiller with input_size set to the training image size")
 
     def _feature_term(self, term: LossTerm, t_index: int, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
         indices = term.pairs if term.pairs is not None else range(len(student_feats))
@@ -448,6 +524,23 @@ class Distiller(nn.Module):
             s_list.append(feature.float())
             t_list.append(teacher_feats[p_index])
         return term.module(s_list, t_list)
+
+    def objective(self) -> dict[str, object]:
+        """What this Distiller optimises, as JSON: the terms with their weights and options, the
+        teacher weights, heads, taps and teacher input settings (for :mod:`kdkit.fingerprint`)."""
+        return {
+            "task": type(self).__name__,
+            "terms": {term.name: term.describe() for term in self.terms},
+            "teacher_weights": list(self.teacher_weights),
+            "label_head": self.label_head,
+            "distill_head": self.distill_head,
+            "logits_from": stable_name(self.logits_from),
+            "taps": [[list(pair) for pair in pairs] for pairs in self.tap_pairs],
+            "adapters": sorted(self.adapters),
+            "teacher_input_size": list(self.teacher_input_size) if self.teacher_input_size else None,
+            "teacher_dtype": str(self.teacher_dtype) if self.teacher_dtype is not None else None,
+            "renormalized": list(self._renormalised),
+        }
 
     # ----------------------------------------------------------------- lifecycle
     def train(self, mode: bool = True) -> Distiller:
@@ -492,7 +585,7 @@ class Distiller(nn.Module):
                 heads.add(self.distill_head)
         if not heads:
             return True
-        return _has_distillation_head(self.student) and "mean" not in heads and heads != {"cls", "dist"}
+        return has_distillation_head(self.student) and "mean" not in heads and heads != {"cls", "dist"}
 
     def remove_hooks(self) -> None:
         """Removes every feature-tap hook from the teachers and the student."""
@@ -523,10 +616,36 @@ class Distiller(nn.Module):
         return "\n".join(lines)
 
 
-def _has_distillation_head(model: nn.Module) -> bool:
-    """Whether a model declares a distillation head beside its class head (timm's distilled models, HDKD)."""
-    inner = unwrap_model(model)
-    return hasattr(inner, "set_distilled_training") or isinstance(getattr(inner, "head_dist", None), nn.Module)
+def _teacher_dtype(teachers: Sequence[nn.Module], given: torch.dtype | None) -> torch.dtype | None:
+    """``teacher_dtype``, or the teachers' own 16-bit dtype when none is given (they cannot take float32 inputs).
+
+    Raises:
+        ValueError: Teachers in different 16-bit dtypes and no ``teacher_dtype``.
+    """
+    if given is not None:
+        return given
+    dtypes = set()
+    for model in teachers:
+        parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtypes.add(parameter.dtype if parameter is not None else torch.float32)
+    low = dtypes - {torch.float32}
+    if not low:
+        return None
+    if len(dtypes) > 1:
+        raise ValueError(f"the teachers' weights are in {sorted(map(str, dtypes))}: pass teacher_dtype= (e.g. torch.bfloat16) "
+                         "to run them all in one")
+    return low.pop()
+
+
+def _probe(model: nn.Module, what: str, input_size: Sequence[int], run: Callable[[], object]) -> object:
+    """``run()``, the probe of ``model`` on zeros of ``input_size``; its failure becomes a named error."""
+    try:
+        return run()
+    except (RuntimeError, ValueError, AssertionError, TypeError) as error:
+        raise ValueError(
+            f"{what} ({type(unwrap_model(model)).__name__}) fails on the {tuple(input_size)} probe input that measures "
+            f"the tapped features ({type(error).__name__}: {error}); set input_size to the (C, H, W) of the training images"
+        ) from error
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -559,11 +678,13 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(size, int):
-        return (3, size, size)
-    values = tuple(int(v) for v in size)
+    try:
+        values = (3, operator.index(size), operator.index(size)) if not isinstance(size, Sequence) else tuple(
+            operator.index(v) for v in size)
+    except TypeError:
+        values = ()
     if len(values) == 2:
-        return (3, *values)
-    if len(values) != 3:
-        raise ValueError(f"input_size is an int, (H, W) or (C, H, W), got {size!r}")
+        values = (3, *values)
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise ValueError(f"input_size is a positive int, (H, W) or (C, H, W) of positive ints, got {size!r}")
     return values  # type: ignore[return-value]

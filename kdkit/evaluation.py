@@ -23,6 +23,7 @@ def evaluate_classifier(
     *,
     loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     class_names: Sequence[str] | None = None,
+    logits_fn: Callable[[Any], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``model`` (in eval mode, restored after) on ``(images, labels)`` batches.
 
@@ -38,6 +39,8 @@ def evaluate_classifier(
         loss: ``loss(logits, labels) -> batch mean``, e.g. a task's ``validation_loss``;
             cross-entropy by default.
         class_names: Class names in label order (their indices without them).
+        logits_fn: The logits in the model's output (a task's ``student_logits``); default: the
+            output itself, or the mean of a tuple of heads.
 
     Returns:
         :func:`~kdkit.metrics.classification_metrics` (``accuracy``, ``balanced_accuracy``,
@@ -45,7 +48,7 @@ def evaluate_classifier(
         ``loss``, the mean ``loss`` per sample.
 
     Raises:
-        ValueError: ``batches`` yields no sample.
+        ValueError: ``batches`` yields no sample, or ``class_names`` do not name every output.
     """
     from .metrics import classification_metrics
 
@@ -61,8 +64,10 @@ def evaluate_classifier(
         for images, labels in batches:
             with accelerator.autocast():
                 output = model(images)
-            logits = mean_of_heads(output).float()
+            logits = (logits_fn or mean_of_heads)(output).float()
             num_classes = logits.shape[-1]
+            if class_names is not None and len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class_names ({list(class_names)}) for a model with {num_classes} outputs")
             # The loss of the gathered batch, so that the padding samples do not count in it either.
             logits, labels = accelerator.gather_for_metrics((logits, labels))
             loss_sum += loss(logits, labels).detach().to(loss_sum.dtype) * labels.shape[0]

@@ -478,6 +478,19 @@ def _check_carvable(labels: np.ndarray, classes: Sequence[str], carve: _Carve) -
         )
 
 
+def _sklearn_refused(
+    carve: _Carve, labels: np.ndarray, classes: Sequence[str], error: ValueError, *, groups: int | None = None
+) -> ImageDataError:
+    counts = np.bincount(labels, minlength=len(classes))
+    listed = ", ".join(f"{name!r} {count}" for name, count in zip(classes, counts) if count)
+    of_groups = f" in {groups} groups" if groups is not None else ""
+    return ImageDataError(
+        f"Cannot carve {carve.split} images ({carve.fraction_name}={carve.fraction}) from {carve.pool}: "
+        f"its {len(labels)} images{of_groups} (by class: {listed}) are too few for this split, as "
+        f"sklearn says: {error}; change {carve.fraction_name} or add images"
+    )
+
+
 def _stratified_carve(
     labels: np.ndarray, seed: int, classes: Sequence[str], carve: _Carve
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -496,9 +509,12 @@ def _stratified_carve(
                 [f"class {name!r} ({count} images) would get no {side} image" for name, count in sorted(short.items())],
                 f"; {_fraction_advice(carve.fraction_name, short)}" if side == carve.split else f"; lower {carve.fraction_name}",
             )
-    keep, carved = train_test_split(
-        np.arange(len(labels)), test_size=carve.fraction, stratify=labels, random_state=seed
-    )
+    try:
+        keep, carved = train_test_split(
+            np.arange(len(labels)), test_size=carve.fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:  # a case the checks above do not foresee: named all the same
+        raise _sklearn_refused(carve, labels, classes, error) from error
     keep, carved = np.sort(keep), np.sort(carved)
     _check_represented(labels, keep, carved, classes, carve)
     return keep, carved, {"method": "stratified (sklearn train_test_split)"}
@@ -538,8 +554,11 @@ def _group_carve(
     with warnings.catch_warnings():
         # "The least populated class in y has only n members": checked below, by class name.
         warnings.simplefilter("ignore", UserWarning)
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        fold_sets = [test for _, test in splitter.split(np.zeros(len(labels)), labels, group_ids)]
+        try:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+            fold_sets = [test for _, test in splitter.split(np.zeros(len(labels)), labels, group_ids)]
+        except ValueError as error:  # a case the checks above do not foresee: named all the same
+            raise _sklearn_refused(carve, labels, classes, error, groups=num_groups) from error
     # Which folds to take: the most classes represented, then the size nearest the fraction.
     present = len(np.unique(labels))
     target = carve.fraction * len(labels)
@@ -655,8 +674,9 @@ def load_image_data(
 
     Class names are the class folder names, or the CSV labels, sorted (integer labels
     numerically). Images are decoded once, converted to RGB, resized to ``image_size`` and
-    cached as :func:`kdkit.data.load_imagefolder` does; no ``datasets`` (Hugging Face) cache
-    or progress bar is involved.
+    cached as :func:`kdkit.data.load_imagefolder` does, which also gives the rule by which
+    images of more than 8 bits (16-bit PNG and TIFF, float TIFF) are scaled to 0..255; no
+    ``datasets`` (Hugging Face) cache or progress bar is involved.
 
     Every check runs before decoding: empty class folders or ones with a single image, class
     folders that differ between splits (also in case only), a single class, CSV columns,
@@ -674,7 +694,8 @@ def load_image_data(
         seed: Seed of the carved splits; the same seed and files give the same splits.
         cache_dir: Decoded-image cache folder; default ``$KDKIT_CACHE_DIR`` or ``~/.cache/kdkit``.
         on_corrupt: ``"error"`` raises :class:`kdkit.data.CorruptImageError` naming an
-            unreadable file; ``"skip"`` leaves it out (splits are drawn over all listed files,
+            unreadable file (truncated, not an image, NaN pixels, or a possible decompression
+            bomb); ``"skip"`` leaves it out (splits are drawn over all listed files,
             so they do not depend on which files decode) and records it in ``split["skipped"]``.
         progress: Show a progress bar while decoding.
 

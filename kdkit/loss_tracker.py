@@ -55,12 +55,15 @@ class LossReading:
         loss: Mean total loss per sample.
         terms: Mean of each loss term per sample.
         non_finite: The first non-finite batch, or ``None``.
+        bad_labels: ``(batch, process, lowest label, highest label)`` of the first batch with a
+            class index outside the logits' classes, or ``None``.
     """
 
     samples: float
     loss: float
     terms: dict[str, float] = field(default_factory=dict)
     non_finite: NonFiniteBatch | None = None
+    bad_labels: tuple[int, int, int, int] | None = None
 
 
 class LossTracker:
@@ -86,14 +89,21 @@ class LossTracker:
         self._first_values = torch.zeros(1, dtype=self.dtype, device=self.device)  # at the first bad batch
         self._found = torch.zeros((), dtype=torch.bool, device=self.device)
         self._first_batch = torch.full((), -1, dtype=self.dtype, device=self.device)
+        # The first batch with a class index outside [0, num_classes): found, batch, lowest and highest label.
+        self._bad_labels = torch.tensor([0.0, -1.0, 0.0, 0.0], dtype=self.dtype, device=self.device)
         self._samples = 0
         self._steps: list[int] = []  # optimizer step of every batch, kept on the host
 
-    def update(self, loss: Tensor, terms: Mapping[str, Tensor | float], size: int, step: int) -> None:
+    def update(self, loss: Tensor, terms: Mapping[str, Tensor | float], size: int, step: int, *,
+               labels: Tensor | None = None, num_classes: int | None = None) -> None:
         """Adds one batch: its total ``loss``, its ``terms`` (0-dim tensors or floats), its ``size``.
 
-        ``step`` is the 1-based optimizer step the batch computes. No value is read back.
+        ``step`` is the 1-based optimizer step the batch computes. Hard ``labels`` (class
+        indices) are checked to lie in ``[0, num_classes)``: a cross-entropy silently ignores
+        -100, and other values fail inside the device's kernels. No value is read back.
         """
+        if labels is not None and num_classes is not None and labels.dim() == 1 and not labels.is_floating_point():
+            self._check_labels(labels, num_classes, len(self._steps))
         new = [name for name in terms if name not in self.names]
         if new:  # a term first seen now: grow the vectors (no earlier batch had it)
             self.names.extend(new)
@@ -110,6 +120,13 @@ class LossTracker:
         self._first_values = torch.where(first, values, self._first_values)
         self._samples += int(size)
         self._steps.append(int(step))
+
+    def _check_labels(self, labels: Tensor, num_classes: int, batch: int) -> None:
+        low, high = (value.to(self.dtype) for value in labels.aminmax())
+        first = ((low < 0) | (high >= num_classes)) & (self._bad_labels[0] == 0)
+        found = torch.stack([torch.ones((), dtype=self.dtype, device=self.device),
+                             torch.full((), batch, dtype=self.dtype, device=self.device), low, high])
+        self._bad_labels = torch.where(first, found.to(self.device), self._bad_labels)
 
     def read(self) -> LossReading:
         """The epoch's losses so far, over all processes: one device-to-host transfer.
@@ -131,13 +148,17 @@ class LossTracker:
             values = row[count: 2 * count]
             reading.non_finite = NonFiniteBatch(batch=batch, step=self._steps[batch], process=process,
                                                 loss=values[0], terms=dict(zip(self.names, values[1:])))
+        labelled = [(int(row[-4]), process, int(row[-3]), int(row[-2])) for process, row in enumerate(rows) if row[-5] > 0]
+        if labelled:
+            reading.bad_labels = min(labelled)
         return reading
 
     def _pack(self) -> Tensor:
-        """Everything :meth:`read` needs, as one vector: sums, first bad values, found, first bad batch, samples."""
+        """Everything :meth:`read` needs, as one vector: sums, first bad values, found, first bad batch,
+        the label check (found, batch, lowest, highest), samples."""
         return torch.cat([
             self._sums, self._first_values, self._found.to(self.dtype).reshape(1), self._first_batch.reshape(1),
-            torch.full((1,), self._samples, dtype=self.dtype, device=self.device),
+            self._bad_labels, torch.full((1,), self._samples, dtype=self.dtype, device=self.device),
         ])
 
     def _scalar(self, value: Tensor | float, name: str) -> Tensor:

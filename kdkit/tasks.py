@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .outputs import StepOutput, mean_of_heads
+from .fingerprint import module_options
+from .outputs import LogitsFrom, StepOutput, check_labels, stable_name, mean_of_heads, model_heads, select_output
 from .taps import unwrap_model
 
 __all__ = ["Supervised"]
@@ -35,14 +36,17 @@ class Supervised(nn.Module):
     """Plain supervised training of a model, as a task module for the :class:`~kdkit.train.Trainer`.
 
     Args:
-        model: The classifier; it becomes ``.student``. A model returning a tuple of logits in
-            training (a distilled student with two heads) is trained on their mean.
+        model: The classifier; it becomes ``.student``. A model with a distillation head that
+            returns its two heads in training (DeiT, HDKD) is trained on their mean.
         loss: ``loss(logits, labels) -> scalar tensor`` (the batch mean), used in training and
             for ``val_loss``; cross-entropy by default.
         name: Name of the loss term in the logs; ``"ce"`` for the default loss, else ``"loss"``.
+        logits_from: Where the logits are in a model's output that holds more than them (``0``
+            for torchvision's Inception in training, ``"logits"``, or a callable).
     """
 
-    def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] | None = None, *, name: str | None = None) -> None:
+    def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor] | None = None, *, name: str | None = None,
+                 logits_from: LogitsFrom = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -51,12 +55,32 @@ class Supervised(nn.Module):
         self.student = model
         self.loss_fn = loss
         self.term_name = name or ("ce" if loss is None else "loss")
+        self.logits_from = logits_from
+
+    def student_logits(self, output: object) -> Tensor:
+        """The logits in the model's ``output`` (see ``logits_from``; two declared heads: their mean).
+
+        Raises:
+            TypeError: The output holds more than logits and ``logits_from`` does not say where they are.
+        """
+        return mean_of_heads(model_heads(select_output(output, self.logits_from), self.student, what="the model"))
+
+    def objective(self) -> dict[str, object]:
+        """What this task optimises, as JSON (for :mod:`kdkit.fingerprint`)."""
+        loss = self.loss_fn
+        if loss is None:
+            described: object = "cross_entropy"
+        else:
+            described = {"class": f"{type(loss).__module__}.{type(loss).__qualname__}" if isinstance(loss, nn.Module)
+                         else stable_name(loss), "options": module_options(loss) if isinstance(loss, nn.Module) else {}}
+        return {"task": type(self).__name__, "loss": described, "logits_from": stable_name(self.logits_from)}
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> StepOutput:
         """One training step: the loss on ``labels`` (``None`` without them) and the logits."""
-        logits = mean_of_heads(self.student(images))
+        logits = self.student_logits(self.student(images))
         if labels is None:
             return StepOutput(loss=None, logits=logits, terms={})
+        check_labels(labels, logits.shape[0])
         loss = self.validation_loss(logits, labels)
         # A detached tensor, not a float: reading it back would make the host wait for the device.
         return StepOutput(loss=loss, logits=logits, terms={self.term_name: loss.detach()})

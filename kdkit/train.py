@@ -48,19 +48,24 @@ from torch import Tensor, nn
 
 from ._json import to_jsonable
 from ._progress import progress_bar
-from .checkpoint import load_model, save_model, unwrap_model
+from .checkpoint import clean_stale_temporaries, load_model, save_model, unwrap_model
 from .checkpoint_manager import (
     STATE_VERSION,
     CheckpointManager,
     ResumeError,
+    RunExistsError,
     checkpoint_epoch,
+    describe_run,
     find_checkpoint,
     model_signature,
     read_state,
 )
 from .evaluation import evaluate_classifier
+from .fingerprint import run_fingerprint
 from .loss_tracker import LossReading, LossTracker, NonFiniteBatch
+from .outputs import check_labels
 from .metrics_log import MetricsLog, scalar_metrics
+from .run_lock import RunLock, RunLockedError, main_decides
 from .schedulers import LRSchedule
 from .tasks import Supervised
 from .train_config import TrainConfig
@@ -77,6 +82,8 @@ __all__ = [
     "FitResult",
     "NonFiniteLossError",
     "ResumeError",
+    "RunExistsError",
+    "RunLockedError",
     "Supervised",
     "TrainConfig",
     "Trainer",
@@ -148,6 +155,10 @@ class FitResult:
     output_dir: Path | None = None
 
 
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
 def _unpack_batch(batch: object) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, Mapping):
         images = next((batch[k] for k in ("images", "image", "pixel_values", "input", "inputs", "x") if k in batch), None)
@@ -216,6 +227,9 @@ class Trainer:
         self.state = TrainState()
         self._prepared_loaders: dict[int, tuple[Any, Any]] = {}
         self._updates_per_epoch: int | None = None
+        self._fingerprint: dict[str, Any] | None = None  # of this fit's run; the input shape is added at its first batch
+        self._expected_input_shape: list[int] | None = None  # a resumed run's, checked at its first batch
+        self._num_outputs: int | None = None
 
     @property
     def student(self) -> nn.Module:
@@ -236,14 +250,23 @@ class Trainer:
         return self.checkpoints.root
 
     # ------------------------------------------------------------------ public API
-    def fit(self, train_loader: Any, val_loader: Any | None = None, *, resume: bool | PathType = False) -> FitResult:
+    def fit(self, train_loader: Any, val_loader: Any | None = None, *, resume: bool | PathType = False,
+            overwrite: bool = False) -> FitResult:
         """Trains for ``config.epochs`` epochs.
+
+        While it trains, the main process holds a lock on ``output_dir``
+        (:class:`~kdkit.run_lock.RunLock`): a second process started on the same folder stops at
+        once. The temporary files a killed write left there are removed first
+        (:func:`~kdkit.checkpoint.clean_stale_temporaries`).
 
         Args:
             train_loader: A ``DataLoader`` of ``(images, labels)`` (or dicts), with a length.
             val_loader: Validation data choosing the best model; never pass the test set.
             resume: ``True`` continues from ``output_dir/checkpoints/last`` (starting afresh when
                 there is none); a path continues from that checkpoint (or run directory).
+            overwrite: Without ``resume``, start afresh even though ``output_dir`` holds a run
+                (a checkpoint or a best model), which is then replaced. Without it, such a
+                start is refused.
 
         Returns:
             The run's `FitResult`.
@@ -251,7 +274,19 @@ class Trainer:
         Raises:
             NonFiniteLossError: A loss became NaN or infinite (the last good checkpoint is kept).
             ResumeError: The checkpoint was written with another config, model, data or classes.
+            RunExistsError: ``output_dir`` holds a run, and neither ``resume`` nor ``overwrite`` was given.
+            RunLockedError: Another process is training in ``output_dir``.
         """
+        lock = RunLock(self.output_dir)
+        main_decides(lambda: lock.acquire() and None)  # the main process locks for all; its refusal stops all
+        try:
+            # What a killed write left (a best model's or a metrics file's temporary); never a live writer's.
+            main_decides(lambda: clean_stale_temporaries(self.output_dir) and None)
+            return self._fit(train_loader, val_loader, resume=resume, overwrite=overwrite)
+        finally:
+            lock.release()
+
+    def _fit(self, train_loader: Any, val_loader: Any | None, *, resume: bool | PathType, overwrite: bool) -> FitResult:
         acc, cfg = self.accelerator, self.config
         # GradientState is process-wide: re-apply this run's accumulation in case another Trainer changed it.
         acc.gradient_accumulation_steps = cfg.grad_accum_steps
@@ -269,6 +304,9 @@ class Trainer:
         self._updates_per_epoch = math.ceil(batches / cfg.grad_accum_steps)
         self.schedule = LRSchedule(cfg, self.optimizer, self._updates_per_epoch)
         self.state = TrainState()
+        self._fingerprint = run_fingerprint(self.task, {"train": train_loader, "val": val_loader})
+        self._expected_input_shape = None
+        self._check_data(train_loader)
 
         checkpoint = self.checkpoints.resolve(resume)
         if checkpoint is not None:
@@ -278,9 +316,8 @@ class Trainer:
                 logger.info("%s already holds the finished run (%d epochs)", checkpoint, self.state.epoch)
                 return self._result()
         else:
-            if self.checkpoints.find() is not None:
-                logger.warning("starting afresh in %s: its checkpoint will be replaced (pass resume=True to continue it)",
-                               self.output_dir)
+            if resume is False:
+                main_decides(lambda: self._check_fresh_start(overwrite))
             self.metrics_log.rewrite([])
 
         trackers_started = self.metrics_log.start_trackers(cfg.to_dict())
@@ -291,6 +328,40 @@ class Trainer:
             if trackers_started:
                 self.metrics_log.end_trackers()
         return self._result()
+
+    def _check_data(self, train_loader: Any) -> None:
+        """Refuses, before training, labels outside the classes and a training batch of one image under batch norm."""
+        classes = len(self.class_names) if self.class_names is not None else None
+        outputs = getattr(self.student, "num_classes", None)
+        if classes is not None and isinstance(outputs, int) and outputs > 0 and classes != outputs:
+            raise ValueError(f"{classes} class_names ({self.class_names}) for a student with {outputs} outputs")
+        limit = classes or (outputs if isinstance(outputs, int) and outputs > 0 else None)
+        self._num_outputs = limit
+        for name, record in (self._fingerprint or {}).get("data", {}).items():
+            label_range = record.get("label_range")
+            if limit is not None and label_range is not None and (label_range[0] < 0 or label_range[1] >= limit):
+                raise ValueError(
+                    f"the {name} data's labels range over {label_range[0]}..{label_range[1]}, outside the {limit} classes "
+                    f"(0..{limit - 1}); a label of -100 would be ignored by the cross-entropy without a word")
+        batch_size, drop_last = getattr(train_loader, "batch_size", None), getattr(train_loader, "drop_last", True)
+        size = len(train_loader.dataset) if hasattr(train_loader, "dataset") and hasattr(train_loader.dataset, "__len__") else None
+        if (self.accelerator.num_processes == 1 and isinstance(batch_size, int) and batch_size > 1 and not drop_last
+                and size is not None and size % batch_size == 1 and _has_batch_norm(self.student)):
+            raise ValueError(
+                f"the training loader's last batch holds one image ({size} images at batch size {batch_size}), and "
+                "batch norm cannot train on one: use drop_last=True (kdkit.data.make_loader does), or another batch size")
+
+    def _check_fresh_start(self, overwrite: bool) -> None:
+        """Refuses a fresh start over a run's results unless ``overwrite``; says what it replaces when it may."""
+        existing = describe_run(self.output_dir)
+        if existing is None:
+            return
+        if not overwrite:
+            raise RunExistsError(
+                f"{self.output_dir} holds {existing}; a fresh start would replace it. Pass resume=True (--resume) to "
+                "continue or collect it, overwrite=True (--overwrite) to train it again from scratch, or choose "
+                "another output folder")
+        logger.warning("overwrite: starting afresh in %s, replacing %s", self.output_dir, existing)
 
     def evaluate(self, loader: Any) -> dict[str, Any]:
         """Evaluates the student (unwrapped, eval mode) on ``loader``, as it is now.
@@ -338,6 +409,7 @@ class Trainer:
         images, labels = _unpack_batch(batch)
         if labels is None:
             raise ValueError(f"{stage} batches need labels")
+        check_labels(labels, images.shape[0])
         if transform is not None:
             images = transform(images)
         elif images.dtype == torch.uint8:
@@ -360,18 +432,20 @@ class Trainer:
         try:
             for index, batch in enumerate(loader):
                 images, labels = self._model_input(batch, self.train_transform, "training")
+                first = index == 0 and epoch == self.state.epoch
+                if first:
+                    self._check_input_shape(images)
                 with acc.accumulate(self.task):
-                    out = self.task(images, labels)
-                    if not hasattr(out, "loss"):
-                        raise TypeError(f"the task must return a StepOutput, got {type(out).__name__}")
-                    if out.loss is None:
-                        raise ValueError("the task returned no loss (were labels given?)")
+                    out = self._training_step(images, labels, epoch, index, batches)
+                    if first:
+                        self._check_outputs(out.logits)
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.clip_grad_norm is not None:
                         acc.clip_grad_norm_(self.task.parameters(), cfg.clip_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                tracker.update(out.loss, out.terms or {}, size=images.shape[0], step=self.state.global_step + 1)
+                tracker.update(out.loss, out.terms or {}, size=images.shape[0], step=self.state.global_step + 1,
+                               labels=labels, num_classes=self._num_outputs)
                 if acc.sync_gradients:
                     self.state.global_step += 1
                     self.schedule.step_update(self.state.global_step)
@@ -388,9 +462,60 @@ class Trainer:
         row["images_per_sec"] = reading.samples / elapsed if elapsed > 0 else float("nan")
         return row
 
+    def _training_step(self, images: Tensor, labels: Tensor, epoch: int, index: int, batches: int) -> Any:
+        try:
+            out = self.task(images, labels)
+        except IndexError as error:  # a class index past the logits (the CPU's cross-entropy checks; CUDA's asserts)
+            if "out of bounds" not in str(error) or labels.dim() != 1 or labels.is_floating_point():
+                raise
+            low, high = int(labels.min()), int(labels.max())
+            if self._num_outputs is not None and (low < 0 or high >= self._num_outputs):
+                self._refuse_labels(low, high, epoch, index, batches)
+            raise  # another index error
+        except ValueError as error:
+            if "Expected more than 1 value per channel" not in str(error):
+                raise
+            raise ValueError(
+                f"batch {index + 1}/{batches} of epoch {epoch + 1} holds {images.shape[0]} image(s) per batch-norm channel, "
+                "and batch norm cannot train on one: drop the last partial batch (drop_last=True) or choose a batch size "
+                "that leaves none of one") from error
+        if not hasattr(out, "loss"):
+            raise TypeError(f"the task must return a StepOutput, got {type(out).__name__}")
+        if out.loss is None:
+            raise ValueError("the task returned no loss (were labels given?)")
+        return out
+
+    def _refuse_labels(self, low: int, high: int, epoch: int, batch: int, batches: int, process: int = 0) -> None:
+        """Stops training on class indices outside ``[0, outputs)`` (found before the loss, or by the device's check)."""
+        where = f" on process {process}" if self.accelerator.num_processes > 1 else ""
+        raise ValueError(
+            f"batch {batch + 1}/{batches} of epoch {epoch + 1}{where} has labels {low}..{high}, outside the student's "
+            f"{self._num_outputs} classes (0..{self._num_outputs - 1}); a label of -100 would be ignored by the "
+            "cross-entropy without a word. Training stopped.")
+
+    def _check_input_shape(self, images: Tensor) -> None:
+        """Records the model input's shape in the fingerprint; a resumed run must train on the same."""
+        shape = list(images.shape[1:])
+        if self._expected_input_shape is not None and shape != self._expected_input_shape:
+            raise ResumeError(
+                f"cannot resume from {self.checkpoints.find()}: its run trained on inputs of shape "
+                f"{tuple(self._expected_input_shape)}, this one's are {tuple(shape)} (another image size?)")
+        if self._fingerprint is not None:
+            self._fingerprint["input_shape"] = shape
+
+    def _check_outputs(self, logits: Tensor) -> None:
+        """The class names must name every output of the student, no more and no fewer."""
+        outputs = int(logits.shape[-1])
+        if self.class_names is not None and len(self.class_names) != outputs:
+            raise ValueError(f"{len(self.class_names)} class_names ({self.class_names}) for a student with {outputs} outputs")
+        self._num_outputs = outputs
+
     def _read_losses(self, tracker: LossTracker, epoch: int, batches: int, bar: Any) -> LossReading:
         """The interval's one host sync: reads the losses back and stops on a non-finite one."""
         reading = tracker.read()
+        if reading.bad_labels is not None:
+            batch, process, low, high = reading.bad_labels
+            self._refuse_labels(low, high, epoch, batch, batches, process)
         if reading.non_finite is not None:  # every process sees it at the same batch: all stop together
             raise NonFiniteLossError.for_batch(reading.non_finite, epoch=epoch, epochs=self.config.epochs, batches=batches,
                                                num_processes=self.accelerator.num_processes, kept=self.checkpoints.find())
@@ -421,6 +546,12 @@ class Trainer:
             self.schedule.step_epoch(epoch + 1, value)
             row["lr"] = self._current_lr()
         improved = self.state.improves(value, cfg.select_mode) if metrics is not None else True  # else: the last is best
+        if improved and metrics is not None and not math.isfinite(float(metrics.get("loss", 0.0))):
+            # Non-finite logits on some validation image: the accuracy may still look fine, the model is not.
+            improved = False
+            if acc.is_main_process:
+                logger.warning("epoch %d: the validation loss is %s, so this epoch's model is not taken as the best",
+                               epoch + 1, metrics["loss"])
         row["is_best"] = improved
         row["epoch_time"] = time.perf_counter() - start
         row.update({key: row.pop(key) for key in _TIME_KEYS if key in row})  # timings last
@@ -453,8 +584,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, loader: Any) -> dict[str, Any]:
         batches = (self._model_input(batch, self.eval_transform, "evaluation") for batch in loader)
-        loss = getattr(unwrap_model(self.task), "validation_loss", None)  # the task's, else cross-entropy
-        return evaluate_classifier(self.student, batches, self.accelerator, loss=loss, class_names=self.class_names)
+        task = unwrap_model(self.task)
+        loss = getattr(task, "validation_loss", None)  # the task's, else cross-entropy
+        return evaluate_classifier(self.student, batches, self.accelerator, loss=loss, class_names=self.class_names,
+                                   logits_fn=getattr(task, "student_logits", None))
 
     # ------------------------------------------------------------------ files
     def _save_best_model(self, epoch: int) -> None:
@@ -487,6 +620,7 @@ class Trainer:
             "class_names": self.class_names,
             "updates_per_epoch": self._updates_per_epoch,
             "num_processes": self.accelerator.num_processes,
+            "fingerprint": self._fingerprint,
         }
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -495,6 +629,7 @@ class Trainer:
         self.checkpoints.check_best_model(self.best_model_path, state, path)  # before loading: a refusal changes nothing
         self.checkpoints.load(path, self.schedule)
         self.state = TrainState.from_dict(state)
+        self._expected_input_shape = (state.get("fingerprint") or {}).get("input_shape")
         logger.info("resumed from %s after epoch %d (step %d)", path, self.state.epoch, self.state.global_step)
 
     def _result(self) -> FitResult:

@@ -134,10 +134,11 @@ class TrainConfig:
         if not isinstance(self.sched, str) or self.sched.lower() not in SCHEDULERS:
             fail("sched", f"one of {SCHEDULERS}")
         self.sched = self.sched.lower()
-        if self.sched == "onecycle" and self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs:
             raise ValueError(
-                f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}) "
-                "with sched='onecycle' (it sets the rising phase)"
+                f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}): the "
+                "learning rate would never reach lr"
+                + (" (with sched='onecycle' it sets the rising phase)" if self.sched == "onecycle" else "")
             )
         if self.sched != "none" and self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")

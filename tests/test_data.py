@@ -21,12 +21,14 @@ from kdkit import data
 from kdkit.data import (
     CorruptImageError,
     ImageTensorDataset,
+    SplitError,
     balanced_subset_indices,
     eval_transforms,
     load_imagefolder,
     smote_balance,
     stratified_split_indices,
 )
+from kdkit.image_data import ImageDataError
 from kdkit_zoo.hdkd import datasets as hdkd_datasets
 from kdkit_zoo.hdkd.augmentations import hdkd_train_transforms
 from kdkit_zoo.hdkd.datasets import dataset_dir, load_brain_tumor_mri, load_ham10000, resolve_data_root
@@ -148,14 +150,15 @@ def test_load_imagefolder_default_and_explicit_splits(tmp_path):
 
     kaggle = tmp_path / "kaggle"
     for split in ("Training", "Validation", "Testing"):
-        _save(Image.fromarray(_noise(seed=3)), kaggle / split / "only" / "x.png")
+        for name in ("no", "yes"):
+            _save(Image.fromarray(_noise(seed=3)), kaggle / split / name / "x.png")
     found = load_imagefolder(kaggle, 8, cache_dir=tmp_path / "cache", progress=False)
     assert list(found) == ["train", "val", "test"]
 
     chosen = load_imagefolder(
         kaggle, 8, splits={"fit": "Training"}, cache_dir=tmp_path / "cache", progress=False
     )
-    assert list(chosen) == ["fit"] and chosen["fit"].classes == ["only"]
+    assert list(chosen) == ["fit"] and chosen["fit"].classes == ["no", "yes"]
 
 
 def test_truncated_jpeg_raises_error_naming_the_file(tmp_path):
@@ -186,6 +189,30 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     (empty / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=f"{empty} contains no images"):
         load_imagefolder(root, 16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_class_folders_that_differ_between_splits_are_refused_naming_them(tmp_path):
+    """As load_image_data refuses them: merged, they gave classes empty on one side."""
+    mri = tmp_path / "mri"
+    for split, names in (("Training", ("glioma", "pituitary")), ("Testing", ("glioma", "Pituitary"))):
+        for name in names:
+            _save(Image.fromarray(_noise(seed=1)), mri / split / name / "1.png")
+    with pytest.raises(ImageDataError, match=r"Training/pituitary and Testing/Pituitary differ only in case"):
+        load_imagefolder(mri, 8, cache_dir=tmp_path / "cache", progress=False)
+
+    root = _make_folder(tmp_path / "pets")
+    _save(Image.fromarray(_noise(seed=8)), root / "test" / "owl" / "c.png")
+    with pytest.raises(ValueError, match=r"class 'owl' has a folder in test/ but none in train/"):
+        load_imagefolder(root, 8, cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before decoding
+
+
+def test_a_single_class_is_refused(tmp_path):
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        _save(Image.fromarray(_noise(seed=1)), one / split / "cat" / "1.png")
+    with pytest.raises(ImageDataError, match=r"holds a single class 'cat'; classification needs at least two"):
+        load_imagefolder(one, 8, cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_folder_without_images_is_an_error_naming_it(tmp_path):
@@ -333,6 +360,28 @@ def test_stratified_split_is_disjoint_complete_and_stratified():
     assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(100))
     with pytest.raises(ValueError):
         stratified_split_indices(labels, 1.0, seed=0)
+
+
+def test_stratified_split_of_too_few_images_names_the_set_and_the_fix():
+    """Not sklearn's bare "The test_size = 1 should be greater or equal to the number of classes"."""
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 4)
+    with pytest.raises(SplitError, match=r"the data set \(12 images of 3 classes\) with val_fraction=0.1: that gives 2"):
+        stratified_split_indices(labels, 0.1, seed=0)
+    with pytest.raises(SplitError) as error:
+        stratified_split_indices(labels, 0.1, seed=0, name="the images of Training/", classes=["a", "b", "c"])
+    message = str(error.value)
+    assert "the images of Training/ (12 images of 3 classes) with val_fraction=0.1" in message
+    assert "gives 2 validation image(s), fewer than the 3 classes" in message
+    assert "raise val_fraction to at least 0.25 or add images" in message
+    assert len(stratified_split_indices(labels, 0.25, seed=0)[1]) == 3  # the advice works
+
+    with pytest.raises(SplitError, match=r"leaves 1 training image\(s\), fewer than the 3 classes.*lower val_fraction"):
+        stratified_split_indices(labels, 0.9, seed=0)
+    with pytest.raises(SplitError, match=r"'b' has a single image.*add images of it or leave it out"):
+        stratified_split_indices([0, 0, 0, 1, 2, 2], 0.5, seed=0, classes=["a", "b", "c"])
+    with pytest.raises(SplitError, match=r"the data set \(3 images of 2 classes\).*class 1 has a single image"):
+        stratified_split_indices([0, 0, 1], 0.5, seed=0)
+    assert issubclass(SplitError, ValueError)
 
 
 # --------------------------------------------------------------------------- transforms

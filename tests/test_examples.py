@@ -92,3 +92,34 @@ def test_distill_any_on_an_image_folder(tmp_path):
     report = json.loads((output / "results.json").read_text())
     assert report["classes"] == ["cats", "dogs"] and 0.0 <= report["test"]["accuracy"] <= 1.0
     assert (output / "student" / "best_model.safetensors").is_file()
+
+
+def test_explainable_kd_passes_overwrite_to_every_fit_and_refuses_it_with_resume(tmp_path, monkeypatch, capsys, fit_calls):
+    """In process, on tiny random splits: each fit is told whether to replace its run; --resume with --overwrite stops first."""
+    import importlib.util
+
+    import torch
+
+    from conftest import StopAtFit
+
+    from kdkit.data import ImageTensorDataset
+
+    spec = importlib.util.spec_from_file_location("explainable_kd", ROOT / "examples" / "explainable_kd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = ["--threads", str(torch.get_num_threads())]  # as it is: the test process keeps its threads
+
+    def tiny(data_dir, image_size):
+        data = ImageTensorDataset(torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8), torch.arange(40) % 2, ["a", "b"])
+        return {"train": data, "test": data.subset(range(8))}
+
+    monkeypatch.setattr(module, "load_brain_tumor_mri", tiny)
+    flags = ["--output-dir", str(tmp_path), "--image-size", "16", "--teachers", "resnet10t", "--student", "resnet10t",
+             "--teacher-lr", "1e-3", "--teacher-per-class", "4", "--per-class", "4", "--mixed-precision", "no", *threads]  # fmt: skip
+    for given, expected in (([], {"resume": False, "overwrite": False}), (["--overwrite"], {"resume": False, "overwrite": True})):
+        with pytest.raises(StopAtFit):
+            module.main([*flags, *given])
+        assert fit_calls.pop() == expected
+    with pytest.raises(SystemExit):
+        module.main([*flags, "--resume", "--overwrite"])
+    assert "pass one of them, not both" in capsys.readouterr().err and not fit_calls

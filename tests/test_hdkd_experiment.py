@@ -81,6 +81,8 @@ def test_a_run_cut_to_one_epoch_has_no_warm_up(tmp_path):
     config = ExperimentConfig(student_epochs=30, student_warmup_epochs=2, student_image_budget=18_000)
     warmups = {n: student_train_config(config, tmp_path, seed=0, num_images=n) for n in (200, 5137, 10**6)}
     assert [(c.epochs, c.warmup_epochs) for c in warmups.values()] == [(30, 2), (4, 1), (1, 0)]
+    # as does a one-epoch experiment beside the preset's two warm-up epochs (--student-epochs 1)
+    assert student_train_config(ExperimentConfig(student_epochs=1), tmp_path, seed=0, num_images=200).warmup_epochs == 0
 
 
 def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
@@ -510,3 +512,100 @@ def test_a_resume_over_other_data_is_refused(tmp_path):
     check_same_settings(ExperimentConfig(output_dir=str(preset), resume=False), preset)
     with pytest.raises(ResumeError, match=r"trained on a preset data set, and the data in /a differs"):
         check_same_data(ExperimentConfig(dataset=None, data="/a", output_dir=str(preset), resume=True), preset, record)
+
+
+# --------------------------------------------------------------------------- the plan, before anything trains
+
+
+def _tiny_splits(config):
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+    data = ImageTensorDataset(images, torch.arange(48) % 4, ["a", "b", "c", "d"])
+    return {"train": data, "test": data.subset(range(8))}, {"dataset": "tiny"}
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_an_image_size_too_small_for_the_hdkd_models_is_refused_before_the_data_is_read(tmp_path, monkeypatch, size):
+    def never(config):
+        raise AssertionError("the models are checked before the data is read")
+
+    monkeypatch.setattr(experiment, "_load_splits", never)
+    with pytest.raises(PlanError) as error:
+        experiment.run_experiment(_tiny_experiment(tmp_path, image_size=size, resume=False))
+    message = str(error.value)
+    # the distilled student and the student alone: both named, with the flag to change
+    assert f"the student model 'hdkd_student' cannot be built for {size} x {size} images" in message
+    assert f"the alone model 'hdkd_student_nodistill' cannot be built for {size} x {size} images" in message
+    assert "--image-size" in message and "not a multiple of 16" in message
+    assert not (tmp_path / EXPERIMENT_FILE).exists() and not (tmp_path / "teacher").exists()
+
+
+def test_the_model_check_runs_a_training_step_at_each_processs_batch():
+    # resnet10t ends on a 1 x 1 map at 32 px: evaluation passes, a training step of one image
+    # (batch norm over one value per channel) does not.
+    pair = dict(image_size=32, teacher_model="resnet10t", student_model="resnet10t", taps=["layer2"])
+    check_models(ExperimentConfig(**pair, batch_size=2), num_classes=3)
+    with pytest.raises(PlanError, match=r"the teacher model 'resnet10t' cannot take 32 x 32 images \(ValueError: Expected more "
+                       r"than 1 value per channel.*in a training step of 1 image\(s\).*--image-size, or a larger --batch-size"):
+        check_models(ExperimentConfig(**pair, batch_size=1), num_classes=3)
+    with pytest.raises(PlanError, match=r"in a training step of 1 image\(s\)"):
+        check_models(ExperimentConfig(**pair, batch_size=8), num_classes=3, num_processes=8)
+    # reused from a checkpoint, the teacher only evaluates; the students still train
+    with pytest.raises(PlanError) as error:
+        check_models(ExperimentConfig(**pair, batch_size=1, teacher_checkpoint="teacher.safetensors"), num_classes=3)
+    assert "the teacher model" not in str(error.value) and "the student model 'resnet10t' cannot take" in str(error.value)
+
+
+def test_sizes_epochs_and_batches_below_one_are_refused_naming_the_flag(capsys):
+    for name in ("image_size", "batch_size", "teacher_epochs", "student_epochs"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError, match=rf"{name} must be a whole number of at least 1 \({flag}\), got 0"):
+            ExperimentConfig(**{name: 0})
+        with pytest.raises(SystemExit):
+            build_parser("brain_tumor_mri").parse_args([flag, "0"])
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\(--sizes\), got \[0\]"):
+        ExperimentConfig(sizes=[0, 50])
+    with pytest.raises(SystemExit):
+        build_parser("brain_tumor_mri").parse_args(["--sizes", "50,-1"])
+    assert "argument --sizes: must be at least 1, got -1" in capsys.readouterr().err
+
+
+@requires_locks
+def test_a_fresh_start_over_finished_runs_needs_overwrite(tmp_path, monkeypatch, capsys, fit_calls):
+    from conftest import StopAtFit
+
+    from kdkit.train import RunExistsError
+
+    no_data = tmp_path / "no_data"
+    no_data.mkdir()
+    output = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):  # no run results there yet: a fresh start records its settings
+        experiment.run_experiment(_tiny_experiment(output, data_dir=str(no_data), resume=False))
+    recorded = (output / EXPERIMENT_FILE).read_text()
+    for run in ("teacher", "hdkd_4_seed0"):  # two runs with results
+        (output / run).mkdir()
+        (output / run / "best_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(RunExistsError) as error:
+        experiment.run_experiment(_tiny_experiment(output, data_dir=str(no_data), resume=False, alpha=0.7))
+    message = str(error.value)
+    assert "2 run folder(s)" in message and "teacher: its best model" in message and "hdkd_4_seed0: its best model" in message
+    assert "student_4_seed0" not in message and "--resume" in message and "--overwrite" in message
+    assert (output / EXPERIMENT_FILE).read_text() == recorded  # the refused start changed nothing
+
+    # --overwrite: past the check, the new settings recorded, and every run told to replace its folder
+    monkeypatch.setattr(experiment, "_load_splits", _tiny_splits)
+    with pytest.raises(StopAtFit):
+        experiment.run_experiment(_tiny_experiment(output, resume=False, overwrite=True, alpha=0.7))
+    assert fit_calls == [{"resume": False, "overwrite": True}]
+    assert json.loads((output / EXPERIMENT_FILE).read_text())["alpha"] == 0.7
+
+    # overwrite is how one invocation runs, not a setting of the experiment; with resume, an error
+    config = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--overwrite"]))
+    assert config.overwrite and "overwrite" not in defining_settings(config)
+    with pytest.raises(ValueError, match=r"--resume, --overwrite"):
+        ExperimentConfig(resume=True, overwrite=True)
+    from kdkit_zoo.hdkd.cli import main
+
+    with pytest.raises(SystemExit):
+        main("brain_tumor_mri", ["--resume", "--overwrite", "--output-dir", str(tmp_path / "both")])
+    assert "pass one of them, not both" in capsys.readouterr().err

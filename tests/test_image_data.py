@@ -442,3 +442,31 @@ def test_bad_arguments(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             _load(root, tmp_path, **kwargs)
+
+
+def test_a_split_sklearn_refuses_is_still_named(tmp_path, no_decoding, monkeypatch):
+    """No bare sklearn error, should a case the checks do not foresee reach it."""
+    from kdkit import image_data
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The test_size = 1 should be greater or equal to the number of classes = 3")
+
+    monkeypatch.setattr(image_data, "train_test_split", refuse)
+    root = _class_folders(tmp_path / "pets", {name: 10 for name in CLASSES})
+    with pytest.raises(ImageDataError) as error:
+        _load(root, tmp_path)
+    message = str(error.value)
+    assert "Cannot carve test images (test_fraction=0.2) from the data set: its 30 images" in message
+    assert "'cat' 10, 'dog' 10, 'owl' 10" in message and "The test_size = 1" in message
+    assert "change test_fraction or add images" in message
+
+    class RefusingFolds:
+        def __init__(self, **kwargs):
+            pass
+
+        def split(self, *args):
+            raise ValueError("n_splits=5 cannot be greater than the number of members in each class.")
+
+    monkeypatch.setattr(image_data, "StratifiedGroupKFold", RefusingFolds)
+    with pytest.raises(ImageDataError, match=r"from the data set: its \d+ images in 18 groups .*n_splits=5"):
+        _load(_patients_csv(tmp_path / "clinic"), tmp_path)

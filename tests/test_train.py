@@ -75,20 +75,21 @@ class ScriptedCE(nn.Module):
     """Cross-entropy that returns NaN at training call ``nan_at`` or raises at training call ``crash_at`` (1-based).
 
     The Trainer also computes ``val_loss`` with the task's loss (under ``no_grad``); those calls are not counted.
+    The faults are private attributes: not options of the objective, so a resume without them is the same run.
     """
 
     def __init__(self, nan_at: int | None = None, crash_at: int | None = None) -> None:
         super().__init__()
-        self.nan_at, self.crash_at, self.calls = nan_at, crash_at, 0
+        self._nan_at, self._crash_at, self.calls = nan_at, crash_at, 0
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation
             return nn.functional.cross_entropy(logits, labels)
         self.calls += 1
-        if self.calls == self.crash_at:
+        if self.calls == self._crash_at:
             raise KeyboardInterrupt("simulated interruption")
         loss = nn.functional.cross_entropy(logits, labels)
-        if self.calls == self.nan_at:
+        if self.calls == self._nan_at:
             loss = loss * float("nan")
         return loss
 
@@ -100,9 +101,9 @@ def loaders(n_train: int = 48, n_val: int = 24, batch_size: int = 8):
 
 
 def config(tmp: Path, **overrides) -> TrainConfig:
-    base = dict(epochs=3, lr=0.02, weight_decay=0.01, sched="cosine", warmup_epochs=1, output_dir=tmp,
-                progress=False, seed=3)
+    base = dict(epochs=3, lr=0.02, weight_decay=0.01, sched="cosine", output_dir=tmp, progress=False, seed=3)
     base.update(overrides)
+    base.setdefault("warmup_epochs", min(1, base["epochs"] - 1))  # a warm-up as long as the run is refused
     return TrainConfig(**base)
 
 
@@ -193,11 +194,29 @@ def test_evaluate_counts_every_sample_and_returns_metrics(tmp_path: Path) -> Non
     assert trainer.student.training  # the mode is restored
 
 
+def test_supervised_refuses_two_undeclared_outputs_unless_told_which_are_the_logits() -> None:
+    class MainAndAux(nn.Module):  # torchvision's Inception in training: (main logits, auxiliary logits)
+        def __init__(self) -> None:
+            super().__init__()
+            self.main, self.aux = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.main(x), self.aux(x)
+
+    model = MainAndAux()
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(TypeError, match=r"MainAndAux\) returned a tuple of 2 outputs \(\(6, 3\), \(6, 3\)\).*logits_from=0"):
+        Supervised(model)(x, y)
+    out = Supervised(model, logits_from=0)(x, y)
+    assert torch.allclose(out.logits, model.main(x))
+
+
 def test_supervised_two_heads_uses_their_mean() -> None:
     class TwoHeads(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+            self.a, self.head_dist = nn.Linear(4, 3), nn.Linear(4, 3)  # head_dist: a declared distillation head
+            self.b = self.head_dist
 
         def forward(self, x):
             return self.a(x), self.b(x)
@@ -308,7 +327,7 @@ def test_interrupted_fresh_start_over_a_finished_run_is_not_collected(tmp_path: 
     make_trainer(tmp_path, epochs=2).fit(train, val)
     # A fresh start writes its first best model, then dies before its first checkpoint (epoch 2).
     with pytest.raises(KeyboardInterrupt, match="simulated"):
-        make_trainer(tmp_path, loss=ScriptedCE(crash_at=10), epochs=2, checkpoint_every=2).fit(train, val)
+        make_trainer(tmp_path, loss=ScriptedCE(crash_at=10), epochs=2, checkpoint_every=2).fit(train, val, overwrite=True)
     assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
     refused = make_trainer(tmp_path, epochs=2)
     before = state_of(refused)
@@ -316,7 +335,7 @@ def test_interrupted_fresh_start_over_a_finished_run_is_not_collected(tmp_path: 
         refused.fit(train, val, resume=True)
     assert_same_state(state_of(refused), before)  # refused before the checkpoint's state was loaded
     # the same run's best model and checkpoint resume as before
-    make_trainer(tmp_path, epochs=2).fit(train, val)
+    make_trainer(tmp_path, epochs=2).fit(train, val, overwrite=True)
     assert make_trainer(tmp_path, epochs=2).fit(train, val, resume=True).best_epoch is not None
 
 
@@ -767,8 +786,11 @@ def test_training_syncs_with_the_host_once_per_logging_interval(tmp_path: Path) 
     four, four_eval, _ = count_syncs(4, log_every=100)
     eight, eight_eval, row = count_syncs(8, log_every=100)
     assert len(eight.callers) == len(four.callers)  # a constant per epoch, not one per batch
-    # kdkit's own: the losses read back at the epoch end, and the parameter check before the checkpoint
-    assert eight.made_by(KDKIT_DIR) == 2, eight.callers
+    # The run's fingerprint reads the data's labels and the teachers' weights once, before the first step.
+    fingerprint = f"{KDKIT_DIR}/fingerprint.py"
+    assert eight.made_by(fingerprint) == four.made_by(fingerprint)
+    # kdkit's own in the epoch: the losses read back at the epoch end, and the parameter check before the checkpoint
+    assert eight.made_by(KDKIT_DIR) - eight.made_by(fingerprint) == 2, eight.callers
     every_two, _, row_every_two = count_syncs(8, log_every=2)
     assert every_two.made_by(KDKIT_DIR) - eight.made_by(KDKIT_DIR) == 3  # 4 intervals; the last one is the epoch end's read
     assert len(eight_eval.callers) == len(four_eval.callers)  # evaluation reads back at its end only

@@ -3,66 +3,28 @@
 A worker is one ``accelerate launch`` (or one Python process) running the experiment. Workers
 that share an output folder split its runs between them by claiming each run before they train
 or collect it (:class:`RunClaims`); what the claims decide is taken on the main process and
-broadcast (:func:`main_decides`), so that every process of one launch follows it.
+broadcast (:func:`kdkit.run_lock.main_decides`), so that every process of one launch follows it.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
 import logging
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, one worker per output folder
-    fcntl = None
+from kdkit.run_lock import LOCKS_UNSUPPORTED, lock_file, main_decides, unlock_file
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
-
-__all__ = ["RunClaims", "main_decides"]
+__all__ = ["RunClaims"]
 
 logger = logging.getLogger(__name__)
-
-
-def main_decides(decide: Callable[[], object]) -> object:
-    """``decide()`` on the main process, its result (or its error) broadcast to every process.
-
-    Decisions about files other workers may change at any moment (a lock, a finished checkpoint)
-    must be the same on every process of one ``accelerate launch``, or their collectives hang.
-
-    Args:
-        decide: What to run on the main process; its result must be picklable.
-
-    Returns:
-        What ``decide()`` returned on the main process.
-
-    Raises:
-        Exception: What ``decide()`` raised on the main process, raised on every process.
-    """
-    state = PartialState()
-    outcome: list[object] = [None]
-    if state.is_main_process:
-        try:
-            outcome[0] = decide()
-        except Exception as error:  # raised on every process below, not on the main one alone
-            outcome[0] = error
-    if state.num_processes > 1:
-        broadcast_object_list(outcome)
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
 
 
 class RunClaims:
     """Locks that let several processes (workers) share one experiment's output folder.
 
     Every worker first joins the folder (:meth:`join`), then claims each run before it trains or
-    collects it (:meth:`acquire`). Both are POSIX record locks (``fcntl.lockf``) on files in
+    collects it (:meth:`acquire`). Both are POSIX record locks (:func:`kdkit.run_lock.lock_file`) on files in
     ``<output_dir>/.claims/``: the kernel drops them when the holder exits, so a killed worker
     leaves no stale claim, and the processes a worker forks (DataLoader workers) do not inherit
     them. One process holds each lock once: two objects of one process do not exclude each other.
@@ -106,8 +68,7 @@ class RunClaims:
 
     def release(self, name: str) -> None:
         """Gives up a claim taken with :meth:`acquire` (nothing when not held)."""
-        if (fd := self._held.pop(name, None)) is not None:
-            os.close(fd)  # closing the descriptor drops the lock
+        unlock_file(self._held.pop(name, None))
 
     def holder(self, name: str) -> str:
         """Who last claimed ``name`` (for messages); only for claims this process does not hold,
@@ -116,28 +77,9 @@ class RunClaims:
         return path.read_text().strip() if path.exists() else "?"
 
     def _lock(self, name: str, *, shared: bool = False) -> bool:
-        if fcntl is None:
-            _warn_no_locks("this platform has no fcntl")
-            return True
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            if not shared:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError as error:
-            os.close(fd)
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                return False
-            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                _warn_no_locks(f"{self.folder} does not support file locks ({error.strerror})")
-                return True
-            raise
-        self._held[name] = fd
+        fd = lock_file(self.folder / f"{name}.lock", shared=shared, note=f"pid {os.getpid()} on {socket.gethostname()}\n")
+        if fd is None:
+            return False
+        if fd != LOCKS_UNSUPPORTED:
+            self._held[name] = fd
         return True
-
-
-@functools.cache
-def _warn_no_locks(reason: str) -> None:
-    logger.warning("%s: run claims are off, so run one worker per output folder", reason)

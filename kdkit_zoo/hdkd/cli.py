@@ -32,8 +32,19 @@ _PRESET_FLAGS = (
 _BUDGET_FLAGS = ("teacher_image_budget", "student_image_budget")
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1: sizes, epochs and batches below one are refused as they are parsed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parse_sizes(text: str) -> list[int | None]:
-    return [None if item.strip() == "all" else int(item) for item in text.split(",") if item.strip()]
+    return [None if item.strip() == "all" else _count(item) for item in text.split(",") if item.strip()]
 
 
 def _parse_budget(text: str) -> int | None:
@@ -96,16 +107,16 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="cpu: reduced resolution and epochs (default without a GPU); paper: 224 px, 200 epochs",
     )
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--teacher-epochs", type=int)
+    parser.add_argument("--image-size", type=_count)
+    parser.add_argument("--teacher-epochs", type=_count)
     parser.add_argument(
         "--teacher-image-budget",
         type=_parse_budget,
         default=argparse.SUPPRESS,
         help="the teacher trains the fewest epochs whose images reach N (at most --teacher-epochs); 'none': no budget",
     )
-    parser.add_argument("--student-epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--student-epochs", type=_count)
+    parser.add_argument("--batch-size", type=_count)
     parser.add_argument("--sizes", type=_parse_sizes, help="images per class, e.g. 50,100,150,all")
     parser.add_argument("--seeds", type=_parse_ints, help="e.g. 0,1,2")
     parser.add_argument(
@@ -118,7 +129,7 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
         "--mixed-precision", choices=list(devices.MIXED_PRECISION_CHOICES),
         help="auto: bf16 on a GPU that has it; accelerate launch --mixed_precision bf16/fp16 wins over the preset",
     )
-    parser.add_argument("--checkpoint-every", type=int, help="epochs between the resumable checkpoints of each run")
+    parser.add_argument("--checkpoint-every", type=_count, help="epochs between the resumable checkpoints of each run")
     parser.add_argument(
         "--augment", choices=list(devices.AUGMENT_PLACES),
         help="where the training augmentation runs: batched on the device, per image in the loader, or auto (device on a GPU)",
@@ -136,7 +147,7 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline-seeds", type=_parse_ints, help="train the baselines at these seeds only (default: every seed)"
     )
-    parser.add_argument("--teacher-per-class", type=int, help="train the teacher on at most N images per class")
+    parser.add_argument("--teacher-per-class", type=_count, help="train the teacher on at most N images per class")
     parser.add_argument("--kl-reduction", choices=["batchmean", "mean"], default="batchmean")
     parser.add_argument("--smote", action=argparse.BooleanOptionalAction, default=None, help="SMOTE for the teacher")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default: none on the CPU, several on a GPU)")
@@ -146,6 +157,10 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
         help="CPU threads per process (default: the available cores divided among the local processes)",
     )
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="without --resume: train again from scratch over the runs the output folder holds (else refused before anything trains)",
+    )
     parser.add_argument(
         "--finished-only",
         action="store_true",
@@ -189,6 +204,7 @@ def config_from_args(dataset: str | None, args: argparse.Namespace) -> Experimen
         smote=args.smote,
         workers=args.workers,
         resume=args.resume,
+        overwrite=args.overwrite,
         finished_only=args.finished_only,
         **values,  # type: ignore[arg-type]
     )
@@ -218,7 +234,10 @@ def main(dataset: str | None = None, argv: Sequence[str] | None = None) -> dict[
         The content of ``results.json``.
     """
     configure_logging()
-    args = build_parser(dataset).parse_args(argv)
+    parser = build_parser(dataset)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the runs in --output-dir and --overwrite replaces them: pass one of them, not both")
     set_cpu_threads(args.threads)
     config = config_from_args(dataset, args)
     results = run_experiment(config)

@@ -157,6 +157,9 @@ class ExperimentConfig:
         val_fraction: Share of the training set held out for model selection.
         teacher_checkpoint: Reuse a trained teacher (safetensors from a previous run).
         resume: Continue interrupted runs and skip finished ones.
+        overwrite: Without ``resume``, train again from scratch over the runs that the output
+            folder already holds (without it, such a start is refused before anything trains).
+            How one invocation runs, not recorded in ``experiment.json``.
         finished_only: Report only the runs that have finished and leave the others out,
             training nothing (a report of a benchmark still running or cut short). Needs
             ``resume`` and a finished teacher.
@@ -218,6 +221,7 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     teacher_checkpoint: str | None = None
     resume: bool = False
+    overwrite: bool = False
     finished_only: bool = False
     workers: int | None = None
     num_figure_images: int = 4
@@ -249,8 +253,17 @@ class ExperimentConfig:
             raise ValueError(f"mixed_precision must be one of {devices.MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
         if self.augment not in devices.AUGMENT_PLACES:
             raise ValueError(f"augment must be one of {devices.AUGMENT_PLACES}, got {self.augment!r}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        # Refused here, not after the teacher has trained for hours (or at its first batch).
+        for name in ("image_size", "batch_size", "teacher_epochs", "student_epochs", "checkpoint_every"):
+            if not _is_count(value := getattr(self, name)):
+                raise ValueError(f"{name} must be a whole number of at least 1 (--{name.replace('_', '-')}), got {value!r}")
+        if self.teacher_per_class is not None and not _is_count(self.teacher_per_class):
+            raise ValueError(f"teacher_per_class must be a whole number of at least 1 or None (--teacher-per-class), got {self.teacher_per_class!r}")
+        if bad := [size for size in self.sizes or [] if size is not None and not _is_count(size)]:
+            raise ValueError(f"sizes are images per class, whole numbers of at least 1 or None for all (--sizes), got {bad}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the runs in output_dir and overwrite replaces them (--resume, --overwrite): "
+                             "pass one of them, not both")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not self.sizes or not self.seeds:
@@ -303,6 +316,11 @@ class ExperimentConfig:
     def student_epochs_for(self, num_images: int) -> int:
         """Epochs of a student run on ``num_images`` images under :attr:`student_image_budget`."""
         return _epochs_reaching(self.student_image_budget, self.student_epochs, num_images)
+
+
+def _is_count(value: object) -> bool:
+    """A whole number of at least 1 (not a bool, which is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _epochs_reaching(budget: int | None, epochs: int, num_images: int) -> int:

@@ -33,16 +33,17 @@ from kdkit import devices
 from kdkit.checkpoint import atomic_write_text, load_model
 from kdkit.data import ImageTensorDataset, balanced_subset_indices, smote_balance
 from kdkit.distiller import Distiller
-from kdkit.explain import channel_mean_maps, feature_stage
+from kdkit.explain import channel_mean_maps
 from kdkit.image_data import load_image_data
 from kdkit.plots import plot_accuracy_vs_size, plot_activation_grid, plot_confusion_matrix, plot_training_curves
+from kdkit.run_lock import main_decides
 from kdkit.train import Supervised, TrainConfig, Trainer, distributed_without_accelerator
 
-from .claims import RunClaims, main_decides
-from .config import ARMS, HDKD, HDKD_STAGES, PRESETS, STUDENT, ExperimentConfig
+from .claims import RunClaims
+from .config import ARMS, HDKD, PRESETS, STUDENT, ExperimentConfig
 from .datasets import DATASETS, load_dataset
 from .report import metric_summary, metric_values, paired_values, results_markdown, size_label
-from .run_plan import PlannedRun, check_baselines_take, check_models, check_runs_fit, figure_tap, model_kwargs, plan_runs
+from .run_plan import PlannedRun, check_fresh_start, check_models, check_runs_fit, figure_tap, model_kwargs, plan_runs
 from .settings import EXPERIMENT_FILE, check_same_data, check_same_settings
 from .training import (
     FEATURE_TAPS,
@@ -92,21 +93,34 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
     The settings that define the results are recorded in ``experiment.json``; a ``resume`` with
     other values is refused.
 
+    Before anything is written or trained, every model, tap and setting runs one training step on
+    the ``meta`` device (:func:`~kdkit_zoo.hdkd.run_plan.check_models`), and a start without
+    ``resume`` over run folders that hold results is refused unless ``overwrite``.
+
     Returns:
         The content of ``results.json``: ``{"teacher": {...}, "runs": [...], "unfinished": [...], "config": {...}}``;
         ``unfinished`` names the runs a ``finished_only`` report left out.
 
     Raises:
+        kdkit.plan.PlanError: A model, tap or setting that cannot train (``image_size`` too
+            small for a model, a tap naming no module), or a run without a step on some process.
+        kdkit.train.RunExistsError: No ``resume`` and no ``overwrite``, and planned runs' folders
+            hold results; all are named.
         ResumeError: ``resume`` with settings other than those the folder's runs were trained with.
         RuntimeError: workers with and without ``resume`` on one folder.
     """
     # Like the Trainer's Accelerator: under torchrun on a CPU-only machine, ask for CPU DDP.
     state = PartialState(cpu=distributed_without_accelerator())
+    # Every model, tap and figure tap, on the meta device, before the data is decoded and the
+    # teacher trains for hours: the class count shapes only the heads.
+    check_models(config, num_processes=state.num_processes)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     claims = RunClaims(output_dir / ".claims")
     claims.join(resume=config.resume)
     try:
+        # Before the settings record is rewritten for a fresh start: a refused one leaves it as it was.
+        main_decides(lambda: check_fresh_start(config, output_dir))
         main_decides(lambda: check_same_settings(config, output_dir))
         return _run_joined(config, claims, output_dir, state)
     finally:
@@ -116,11 +130,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, object]:
 def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, state: PartialState) -> dict[str, object]:
     """The body of :func:`run_experiment`, once this worker has joined the folder: plan, teacher, students, report."""
     started = time.perf_counter()
-    check_baselines_take(config.baselines, config.image_size)
     splits, data_record = _load_splits(config)
     main_decides(lambda: check_same_data(config, output_dir, data_record))
-    # Every model, tap and figure tap on the meta device, before the teacher trains for hours.
-    check_models(config, num_classes=len(splits["train"].classes))
     if config.select_metric is None:
         config = dataclasses.replace(config, select_metric=select_metric_for(splits["train"].labels.numpy()))
     data = prepare_data(config, splits)

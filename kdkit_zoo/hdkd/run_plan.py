@@ -2,41 +2,58 @@
 
 Phase 2 trains, for every size and seed, one balanced subset of the training pool, on which the
 student alone, HDKD and any baselines train (:func:`plan_runs`). Before anything trains, every
-planned run must get an optimizer step on every process (:func:`check_runs_fit`) and every
-baseline must take the image size (:func:`check_baselines_take`): a failure is reported at the
-start, not at the twentieth run, hours in.
+model, tap and setting must survive one training step on the ``meta`` device (:func:`check_models`,
+through :func:`kdkit.plan.check_distillation`), a fresh start must not replace finished runs
+unless asked to (:func:`check_fresh_start`), and every planned run must get an optimizer step on
+every process (:func:`check_runs_fit`): a failure is reported at the start, not at the twentieth
+run, hours in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import timm
-import torch
+from torch import nn
 
 from kdkit.data import ImageTensorDataset, balanced_subset_indices
-from kdkit.distiller import Distiller
 from kdkit.explain import feature_stage
-from kdkit.plan import PlannedTraining, check_plan
+from kdkit.plan import PlannedModel, PlannedTraining, check_distillation, check_fresh_starts, check_plan, probe_model
 from kdkit.taps import resolve_selector
-from torch import nn
 
 from .config import ARMS, HDKD_STAGES, ExperimentConfig
 from .report import size_label
 from .training import hdkd_losses
 
 __all__ = [
+    "SETTING_FLAGS",
     "PlannedRun",
     "check_baselines_take",
+    "check_fresh_start",
     "check_models",
     "check_runs_fit",
     "figure_tap",
     "model_kwargs",
     "plan_runs",
+    "planned_run_names",
     "teacher_set_size",
 ]
+
+SETTING_FLAGS = {
+    "image_size": "--image-size",
+    "batch_size": "--batch-size",
+    "epochs": "--student-epochs",
+    "teacher_epochs": "--teacher-epochs",
+    "val_fraction": "--val-fraction",
+    "losses": "the HDKD objective (alpha, temperature, feature_weight, stage_alpha)",
+    "taps": "--taps",
+    "resume": "--resume",
+    "overwrite": "--overwrite",
+    "output_dir": "--output-dir",
+}
+"""How the plan checks name the experiment's settings: by the flags of :mod:`kdkit_zoo.hdkd.cli`."""
 
 
 @dataclass
@@ -69,10 +86,38 @@ def plan_runs(config: ExperimentConfig, pool: ImageTensorDataset) -> list[Planne
     for size in config.sizes:
         for seed in config.seeds:
             subset = pool.subset(balanced_subset_indices(pool.labels.numpy(), size, seed))
-            baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
-            for arm in (*ARMS, *baselines):
-                planned.append(PlannedRun(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm, size, seed, subset))
+            planned += [PlannedRun(name, arm, size, seed, subset) for name, arm in _arms(config, size, seed)]
     return planned
+
+
+def _arms(config: ExperimentConfig, size: int | None, seed: int) -> list[tuple[str, str]]:
+    """``(run name, arm)`` of the runs of one size and seed: the arms, then the baselines trained at that seed."""
+    baselines = config.baselines if config.baseline_seeds is None or seed in config.baseline_seeds else []
+    return [(f"{arm.lower()}_{size_label(size)}_seed{seed}", arm) for arm in (*ARMS, *baselines)]
+
+
+def planned_run_names(config: ExperimentConfig) -> list[str]:
+    """The output folders of phase 2's runs, in :func:`plan_runs`' order; known before the data is loaded."""
+    return [name for size in config.sizes for seed in config.seeds for name, _ in _arms(config, size, seed)]
+
+
+def check_fresh_start(config: ExperimentConfig, output_dir: Path) -> dict[str, str]:
+    """Refuses a start without ``resume`` over the results of the runs it plans, unless ``overwrite``.
+
+    Every run folder the experiment will write (the teacher's, unless reused, and every planned
+    run's) is looked at before anything trains, and all that hold results are named at once
+    (:func:`kdkit.plan.check_fresh_starts`). A folder without run results (only the settings
+    record, or a run stopped before it saved a checkpoint or a best model) starts afresh as before.
+
+    Returns:
+        ``{run name: what its folder holds}`` for the runs ``overwrite`` replaces.
+
+    Raises:
+        kdkit.train.RunExistsError: Runs with results, neither ``resume`` nor ``overwrite`` given.
+    """
+    runs = ([] if config.teacher_checkpoint else ["teacher"]) + planned_run_names(config)
+    return check_fresh_starts({name: output_dir / name for name in runs}, resume=config.resume,
+                              overwrite=config.overwrite, names=SETTING_FLAGS)
 
 
 def teacher_set_size(pool: ImageTensorDataset, config: ExperimentConfig) -> int:
@@ -99,32 +144,15 @@ def check_runs_fit(config: ExperimentConfig, pool: ImageTensorDataset, planned: 
     )
 
 
-def _model_on_meta(name: str, image_size: int, what: str, num_classes: int = 2) -> nn.Module:
-    """``name`` built on the ``meta`` device and run once on ``image_size`` images: shapes only, no memory or compute.
+def check_baselines_take(baselines: Sequence[str], image_size: int, batch_size: int = 2) -> None:
+    """Fails before anything trains if a baseline cannot train on ``image_size`` images (a ViT built for 224 px).
 
     Raises:
-        ValueError: The model fails on ``image_size`` images; the message names ``what`` it is and its error.
-    """
-    with torch.device("meta"):  # eval: batch norm over one image trains on nothing
-        model = timm.create_model(name, num_classes=num_classes, **model_kwargs(name, image_size)).eval()
-    try:
-        model(torch.empty(1, 3, image_size, image_size, device="meta"))
-    except Exception as error:  # whatever the model raises on the wrong size
-        raise ValueError(
-            f"{what} {name!r} cannot take {image_size} x {image_size} images ({type(error).__name__}: {error}); "
-            "choose a model without a fixed input size, or another --image-size"
-        ) from error
-    return model
-
-
-def check_baselines_take(baselines: Sequence[str], image_size: int) -> None:
-    """Fails before anything trains if a baseline cannot take ``image_size`` images (a ViT built for 224 px).
-
-    Raises:
-        ValueError: A baseline fails on ``image_size`` images; the message names it and its error.
+        kdkit.plan.PlanError: A baseline fails a training step on ``image_size`` images; the
+            message names it and its error.
     """
     for name in baselines:
-        _model_on_meta(name, image_size, "baseline")
+        probe_model(PlannedModel.timm(name, 2, role="baseline"), image_size, batch_size=batch_size, names=SETTING_FLAGS)
 
 
 def model_kwargs(model_name: str, image_size: int) -> dict[str, int]:
@@ -150,23 +178,48 @@ def figure_tap(config: ExperimentConfig, role: str, model: nn.Module) -> str:
     return feature_stage(model, max_reduction=16)
 
 
-def check_models(config: ExperimentConfig, num_classes: int) -> None:
-    """Builds the teacher, both students and the Distiller on the ``meta`` device, and runs them once.
+def check_models(config: ExperimentConfig, num_classes: int = 2, num_processes: int = 1) -> None:
+    """Checks every model of the experiment, its settings and one training step of each, before anything trains.
 
-    Shapes only, no memory or compute: a model that cannot take the image size (a ViT built for
-    224 px), a tap that names no module or cannot be aligned, and a figure tap that names no
-    single module fail here, naming the setting, not after the teacher has trained.
+    The teacher (one training step, or an evaluation pass when reused from ``teacher_checkpoint``),
+    the student alone, every baseline and the HDKD Distiller run one step on the ``meta`` device
+    at the image size and each process's batch (:func:`kdkit.plan.check_distillation`): shapes
+    only, no memory or compute. A model that cannot take the image size (a ViT built for 224 px,
+    an HDKD student below 16 px), a tap that names no module or cannot be aligned, and a figure
+    tap that names no single module fail here, naming the setting, not after the teacher has
+    trained.
+
+    Args:
+        config: The experiment.
+        num_classes: Classes of the models; they shape only the heads, so the check may run
+            before the data is loaded.
+        num_processes: Data-parallel processes, which share the global batch.
 
     Raises:
-        ValueError: What fails, with the setting to change.
+        kdkit.plan.PlanError: What cannot train, with the setting to change.
+        ValueError: A figure tap that names no single module.
     """
     names = {"teacher": config.teacher_model, "student": config.student_model, "alone": config.alone_model_name}
-    models = {role: _model_on_meta(name, config.image_size, f"the {role} model", num_classes) for role, name in names.items()}
-    try:
-        Distiller(models["teacher"], models["student"], losses=hdkd_losses(config), taps=config.feature_taps,
-                  input_size=config.image_size).remove_hooks()
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"the distilled taps {config.feature_taps} do not fit {names['teacher']} -> {names['student']}: {error}") from error
+
+    def planned(role: str) -> PlannedModel:
+        return PlannedModel.timm(names[role], num_classes, role=f"the {role} model", **model_kwargs(names[role], config.image_size))
+
+    probed = check_distillation(
+        planned("teacher"),
+        planned("student"),
+        image_size=config.image_size,
+        losses=hdkd_losses(config),
+        taps=config.feature_taps,
+        # Each process's share of the global batch; one that does not divide is check_runs_fit's to report.
+        batch_size=max(1, config.batch_size // max(1, num_processes)),
+        epochs=config.student_epochs,
+        teacher_epochs=None if config.teacher_checkpoint else config.teacher_epochs,
+        # Baselines are built as the experiment builds them: for timm's default size.
+        trained_alone=[planned("alone"), *(PlannedModel.timm(name, num_classes, role="baseline") for name in config.baselines)],
+        val_fraction=config.val_fraction,
+        names=SETTING_FLAGS,
+    )
+    models = {"teacher": probed.teachers[0], "student": probed.student, "alone": probed.trained_alone[0]}
     for role, model in models.items():
         tap = figure_tap(config, role, model)
         try:

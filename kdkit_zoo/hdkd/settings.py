@@ -27,10 +27,10 @@ _PRESET = "preset data set"  # the data fingerprint of an experiment on a preset
 """The file in the output folder that records the settings an experiment's runs were trained with."""
 
 # Fields free to change between the invocations of one experiment: where files are, how it runs,
-# which runs it adds (sizes, seeds, baselines) and whether it only reports.
+# which runs it adds (sizes, seeds, baselines), whether it only reports and whether it replaces runs.
 _INVOCATION_FIELDS = frozenset(
-    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "finished_only", "workers",
-     "num_figure_images", "checkpoint_every", "augment", "data", "figure_tap"}
+    {"output_dir", "data_dir", "sizes", "seeds", "baselines", "baseline_seeds", "resume", "overwrite", "finished_only",
+     "workers", "num_figure_images", "checkpoint_every", "augment", "data", "figure_tap"}
 )
 
 # What the experiments recorded before a setting existed did: compared as these values. The

@@ -165,6 +165,8 @@ def student_train_config(config: ExperimentConfig, output_dir: Path, seed: int, 
     warmup = config.student_warmup_epochs
     if epochs < config.student_epochs and warmup:
         warmup = min(max(1, round(warmup * epochs / config.student_epochs)), epochs - 1)
+    # So does a run of no more epochs than the warm-up has (student_epochs=1 beside the preset's 2).
+    warmup = min(warmup, epochs - 1)
     return TrainConfig(
         epochs=epochs,
         opt=config.student_opt,
@@ -202,9 +204,11 @@ class RunOutcome:
 def fit_and_test(
     task: nn.Module, train_config: TrainConfig, train_set: ImageTensorDataset, data: ExperimentData, config: ExperimentConfig
 ) -> RunOutcome:
-    """Trains ``task`` on ``train_set`` (resuming when ``config.resume``), reloads its best student and tests it."""
+    """Trains ``task`` on ``train_set`` (resuming when ``config.resume``, replacing a run when
+    ``config.overwrite``), reloads its best student and tests it."""
     trainer = Trainer(task, train_config, class_names=train_set.classes, **data.pipeline.trainer_kwargs())
-    result = trainer.fit(loader(train_set, config, train=True), loader(data.val, config, train=False), resume=config.resume)
+    result = trainer.fit(loader(train_set, config, train=True), loader(data.val, config, train=False), resume=config.resume,
+                         overwrite=config.overwrite)
     return RunOutcome(result, trainer.test(loader(data.test, config, train=False)))
 
 
