@@ -296,19 +296,25 @@ def test_data_efficiency_defaults_to_three_seeds_and_four_sizes():
 
 
 @pytest.mark.slow
-def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
+def _fake_brain_tumor_mri(root: Path) -> Path:
+    """Ten training and two test images per class, in the Brain Tumor MRI layout, under ``root/data``."""
     import numpy as np
     from PIL import Image
-
-    import data_efficiency
 
     rng = np.random.default_rng(0)
     for split, count in (("Training", 10), ("Testing", 2)):
         for index, name in enumerate(["glioma", "meningioma", "notumor", "pituitary"]):
-            folder = tmp_path / "data" / "brain_tumor_mri" / split / name
+            folder = root / "data" / "brain_tumor_mri" / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 Image.fromarray((rng.integers(0, 256, (40, 40, 3)) // (index + 1)).astype(np.uint8)).save(folder / f"{i}.png")
+    return root / "data"
+
+
+def test_data_efficiency_writes_its_record_on_a_fake_data_set(tmp_path):
+    import data_efficiency
+
+    _fake_brain_tumor_mri(tmp_path)
     data_efficiency.main(
         ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--results-dir", str(tmp_path / "results"),
          "--image-size", "32", "--batch-size", "8", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "3,all",
@@ -368,3 +374,24 @@ def test_gpu_check_script_fails_loudly_without_cuda(tmp_path):
     assert completed.returncode != 0
     assert "CUDA is not available" in completed.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_tuning_runs_a_teacher_and_both_students_and_keeps_one_row_per_run(tmp_path):
+    import hdkd_tuning
+
+    data = _fake_brain_tumor_mri(tmp_path)
+    common = ["--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"), "--record-dir", str(tmp_path / "results"),
+              "--image-size", "32", "--batch-size", "8", "--mixed-precision", "no", "--threads", "1"]
+    teacher = hdkd_tuning.main(["teacher", "--name", "t", "--steps", "5", "--label-smoothing", "0.1", *common])
+    assert teacher["steps"] == 8 and teacher["epochs"] == 2  # 36 pool images at batch 8: 4 steps an epoch, 5 rounded up
+    student = ["student", "--teacher-run", "t", "--per-class", "4", "--epochs", "1", "--sched", "cosine", *common]
+    hdkd_tuning.main([*student, "--name", "s_hdkd", "--arm", "hdkd"])
+    hdkd_tuning.main([*student, "--name", "s_alone", "--arm", "alone"])
+    again = hdkd_tuning.main(["teacher", "--name", "t", "--steps", "5", "--label-smoothing", "0.1", *common])
+    assert again["accuracy"] == teacher["accuracy"]  # collected, not trained again
+    record = json.loads((tmp_path / "results" / "hdkd_tuning_brain_tumor_mri.json").read_text())
+    assert [row["name"] for row in record["levers"]] == ["s_hdkd", "s_alone", "t"]
+    markdown = (tmp_path / "results" / "hdkd_tuning_brain_tumor_mri.md").read_text()
+    assert "| t | teacher | adamw onecycle lr 0.003, batch 8, 2 ep, ls 0.1 |" in markdown
+    assert "| s_hdkd | hdkd | 4/class, seed 0, teacher t, adamw cosine" in markdown and "## Commands" in markdown
+    assert "| s_alone | alone | 4/class, seed 0, adamw cosine" in markdown
