@@ -143,10 +143,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     output = Path(args.output_dir)
     runs = {"student": output / "student"} if args.teacher_checkpoint else {"teacher": output / "teacher", "student": output / "student"}
     PartialState(cpu=distributed_without_accelerator())  # as the Trainer's Accelerator will, under torchrun on a CPU
+    def config(name: str, epochs: int) -> kdkit.TrainConfig:
+        return kdkit.TrainConfig(epochs=epochs, lr=args.lr, warmup_epochs=min(2, epochs - 1), seed=args.seed,
+                                 output_dir=str(runs[name]))
+
     try:
         check_the_plan(args, taps, runs)
+        for name in runs:  # the training settings (a learning rate of 0 or NaN), checked before the data is read
+            config(name, args.teacher_epochs if name == "teacher" else args.epochs)
     except (PlanError, RunExistsError) as error:
         parser.error(str(error))
+    except ValueError as error:  # TrainConfig's, naming its field
+        parser.error(f"{error} (--lr)" if "TrainConfig.lr" in str(error) else str(error))
 
     splits = kdata.load_imagefolder(args.data, args.image_size)
     train = splits["train"]
@@ -161,10 +169,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     val = val.with_transform(kdata.eval_transforms(args.image_size))
     loader = kdata.make_loader(train, args.batch_size, train=True)
     val_loader = kdata.make_loader(val, args.batch_size, train=False)
-
-    def config(name: str, epochs: int) -> kdkit.TrainConfig:
-        return kdkit.TrainConfig(epochs=epochs, lr=args.lr, warmup_epochs=min(2, epochs - 1), seed=args.seed,
-                                 output_dir=str(runs[name]))
 
     # Seeded right before each model is built: the student's initial weights do not depend on
     # whether the teacher was trained here (which draws random numbers) or loaded.

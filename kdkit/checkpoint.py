@@ -137,7 +137,7 @@ def _process_alive(pid: int) -> bool | None:
 
 
 def clean_stale_temporaries(
-    folder: str | os.PathLike, pattern: str = ".*.tmp", *, max_age: float = STALE_AFTER_SECONDS
+    folder: str | os.PathLike, pattern: str = ".*.tmp", *, max_age: float | None = STALE_AFTER_SECONDS
 ) -> list[Path]:
     """Remove the temporary files in ``folder`` that no live process is writing.
 
@@ -153,7 +153,8 @@ def clean_stale_temporaries(
         folder: The folder to clean (not its subfolders).
         pattern: Glob pattern of the temporary files, e.g. ``".*.pt.*.tmp"``.
         max_age: Seconds after its last modification that a file whose writer cannot be
-            checked is taken to be abandoned.
+            checked is taken to be abandoned; ``None``: never (a folder of the user's, where a
+            file named like a temporary may be someone else's).
 
     Returns:
         The files removed.
@@ -167,7 +168,7 @@ def clean_stale_temporaries(
             owner = _OWNED_TEMPORARY.match(candidate.name)
             alive = _process_alive(int(owner["pid"])) if owner and owner["host"] == host else None
             if alive is None:
-                alive = now - candidate.stat().st_mtime < max_age
+                alive = max_age is None or now - candidate.stat().st_mtime < max_age
             if alive:
                 continue
             candidate.unlink()

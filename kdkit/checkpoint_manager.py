@@ -298,8 +298,7 @@ class CheckpointManager:
         signature, the class names, the run's fingerprint (:mod:`kdkit.fingerprint`: the
         teachers' weights, the objective with its weights and options, the data's items and
         labels) and (unless the run is finished, so only collected) the number of processes and
-        of optimizer updates per epoch must agree. The input shape is compared at the resumed
-        run's first batch.
+        of optimizer updates per epoch must agree.
 
         Raises:
             ResumeError: Listing every difference.

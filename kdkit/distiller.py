@@ -22,6 +22,7 @@ from .outputs import (
     StepOutput,
     check_images,
     check_labels,
+    check_soft_labels,
     stable_name,
     has_distillation_head,
     mean_of_heads,
@@ -450,6 +451,8 @@ class Distiller(nn.Module):
         output = self.student_logits(output, heads=True)
         logits = mean_of_heads(output)
         label_logits, distill_logits = self._pick_head(output, self.label_head), self._pick_head(output, self.distill_head)
+        if labels is not None:
+            check_soft_labels(labels, label_logits)
         for index, (teacher_logits, _) in enumerate(teacher_outputs):
             if teacher_logits.shape != distill_logits.shape:
                 raise ValueError(
@@ -539,7 +542,10 @@ class Distiller(nn.Module):
             "adapters": sorted(self.adapters),
             "teacher_input_size": list(self.teacher_input_size) if self.teacher_input_size else None,
             "teacher_dtype": str(self.teacher_dtype) if self.teacher_dtype is not None else None,
-            "renormalized": list(self._renormalised),
+            "renormalization": [
+                [getattr(self, f"_renorm_{part}_{index}").flatten().tolist() for part in ("scale", "shift")] if renormalised else None
+                for index, renormalised in enumerate(self._renormalised)
+            ],
         }
 
     # ----------------------------------------------------------------- lifecycle

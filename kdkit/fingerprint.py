@@ -13,8 +13,11 @@ names, shapes and dtypes), so two fingerprints are equal exactly when what they 
 * ``objective``: what the task optimises (:meth:`kdkit.Distiller.objective`,
   :meth:`kdkit.tasks.Supervised.objective`, or the task's ``objective()``);
 * ``data``: per loader (``train``, ``val``), the size and a digest of the items and labels
-  (:func:`dataset_fingerprint`);
-* ``input_shape``: the shape of one model input, ``(C, H, W)``, once a batch has been seen.
+  (:func:`dataset_fingerprint`), and for stored images their shape (so another image size).
+
+What cannot be read is said, not guessed: a data set of a type kdkit cannot look into is
+recorded as ``"content": "unchecked"`` (the Trainer logs a warning), and a loss's constructor
+arguments that are not kept as attributes are listed as ``"unread"``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -80,26 +84,48 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _option_value(value: Any) -> tuple[bool, Any]:
+    """``(readable, JSON value)`` of an attribute: a number or string, or a list or dict of them."""
+    if isinstance(value, _SCALARS):
+        return True, value
+    if isinstance(value, (list, tuple)) and all(isinstance(item, _SCALARS) for item in value):
+        return True, list(value)
+    if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in value.items()):
+        return True, dict(sorted(value.items()))
+    if isinstance(value, Tensor) and value.numel() <= 64 and value.device.type != "meta":
+        return True, value.detach().cpu().tolist()
+    return False, None
+
+
 def module_options(module: object) -> dict[str, Any]:
-    """A module's hyper-parameters: its constructor's arguments, read back from the public
-    attributes of the same name, where they are numbers, strings or lists of them.
+    """A module's hyper-parameters: its constructor's arguments, read back from the attributes of
+    the same name (public, or private with a leading underscore), where they are numbers, strings,
+    small tensors (buffers) or lists and dicts of numbers and strings.
 
     Loss modules keep their options so (``LogitKL(temperature=4.0).temperature``); this reads
-    them back without each loss declaring them, and without state such as a call counter.
+    them back without each loss declaring them, and without state such as a call counter. An
+    argument kept under no such attribute is listed under ``"unread"``, so that a fingerprint
+    says what it could not see.
     """
     try:
         parameters = inspect.signature(type(module).__init__).parameters
     except (TypeError, ValueError):
         return {}
     options: dict[str, Any] = {}
+    unread: list[str] = []
     for name, parameter in parameters.items():
         if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        value = getattr(module, name, None) if not name.startswith("_") else None
-        if isinstance(value, _SCALARS) and hasattr(module, name):
-            options[name] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(item, _SCALARS) for item in value):
-            options[name] = list(value)
+        for attribute in (name, f"_{name}"):
+            if hasattr(module, attribute):
+                readable, value = _option_value(getattr(module, attribute))
+                if readable:
+                    options[name] = value
+                    break
+        else:
+            unread.append(name)
+    if unread:
+        options["unread"] = unread
     return options
 
 
@@ -108,68 +134,75 @@ def _json_number(value: Any) -> Any:
     return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _labels_of(dataset: object) -> Tensor | None:
-    for name in ("labels", "targets"):
-        value = getattr(dataset, name, None)
-        if isinstance(value, Tensor):
-            return value
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == len(dataset):  # type: ignore[arg-type]
-            return torch.as_tensor(np.asarray(value))
-    return None
-
-
 def dataset_fingerprint(dataset: object) -> dict[str, Any]:
-    """What a data set holds, as far as it can be told without iterating it.
+    """What a data set holds, as far as it can be told without iterating it; never raises.
 
     Recognised, in this order: a ``fingerprint()`` method (:class:`kdkit.data.ImageTensorDataset`
     has one), ``torch.utils.data.Subset`` (its indices and its data set's fingerprint),
-    ``TensorDataset`` (its tensors), and folder data sets with ``samples`` (torchvision's
-    ``ImageFolder``: relative paths, labels and file sizes). Anything else is described by its
-    type and size only (``"content": "unchecked"``).
+    ``TensorDataset`` (its tensors), and torchvision's folder data sets (``DatasetFolder``,
+    ``ImageFolder``: each file's path below the root, label, size and modification time, as the
+    decoded-image cache tells a changed file). Anything else is described by its type and size
+    only (``"content": "unchecked"``); so is one whose fingerprinting fails.
+
+    ``label_range`` (``[min, max]``) is given only where the labels are known to be what the
+    items hold: an ``ImageTensorDataset``, an ``(images, labels)`` ``TensorDataset`` and a
+    torchvision folder data set.
 
     Returns:
-        JSON: ``kind``, ``size`` and, where known, ``digest`` and ``label_range`` (``[min, max]``).
+        JSON: ``kind``, ``size`` and, where known, ``digest``, ``image_shape`` and ``label_range``.
     """
+    record: dict[str, Any] = {"kind": type(dataset).__name__}
+    try:
+        record["size"] = len(dataset)  # type: ignore[arg-type]
+    except Exception:  # an iterable data set
+        record["size"] = None
+    try:
+        return _jsonable(_fingerprint(dataset, record))
+    except Exception as error:  # a data set of a structure kdkit does not know: described, never a failure
+        return {**record, "content": "unchecked", "why": f"{type(error).__name__}: {error}"}
+
+
+def _fingerprint(dataset: object, record: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import Subset, TensorDataset
 
     own = getattr(dataset, "fingerprint", None)
     if callable(own):
         return dict(own())
-    record: dict[str, Any] = {"kind": type(dataset).__name__}
-    try:
-        record["size"] = len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        record["size"] = None
     digest = hashlib.sha256()
     if isinstance(dataset, Subset):
         inner = dataset_fingerprint(dataset.dataset)
-        digest.update(repr(sorted(inner.items())).encode())
-        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
         if "digest" not in inner:
             return {**record, "content": "unchecked"}
+        digest.update(inner["digest"].encode())
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
     elif isinstance(dataset, TensorDataset):
         for tensor in dataset.tensors:
             digest.update(tensor_digest(tensor).encode())
-        if len(dataset.tensors) >= 2:
+        if dataset.tensors:
+            record["image_shape"] = list(dataset.tensors[0].shape[1:])
+        if len(dataset.tensors) == 2:
             record["label_range"] = _label_range(dataset.tensors[1])
-    elif isinstance(getattr(dataset, "samples", None), list):
-        import os
-
-        root = os.fspath(getattr(dataset, "root", "") or "")
+    elif _is_folder_dataset(dataset):
+        root = os.fspath(dataset.root)  # type: ignore[attr-defined]
+        labels = []
         for path, label in dataset.samples:  # type: ignore[attr-defined]
-            relative = os.path.relpath(path, root) if root else os.path.basename(path)
-            size = os.path.getsize(path) if os.path.exists(path) else -1
-            digest.update(f"{relative}\0{label}\0{size}\n".encode())
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            labels.append(int(label))
+        record["label_range"] = [min(labels), max(labels)] if labels else None
     else:
-        labels = _labels_of(dataset)
-        if labels is not None:
-            record["label_range"] = _label_range(labels)
         return {**record, "content": "unchecked"}
-    labels = _labels_of(dataset)
-    if labels is not None and "label_range" not in record:
-        record["label_range"] = _label_range(labels)
     record["digest"] = digest.hexdigest()
     return record
+
+
+def _is_folder_dataset(dataset: object) -> bool:
+    """torchvision's ``DatasetFolder`` (``ImageFolder``): ``samples`` of ``(path, class index)`` under ``root``."""
+    try:
+        from torchvision.datasets import DatasetFolder
+    except ImportError:  # torchvision is optional here
+        return False
+    return isinstance(dataset, DatasetFolder)
 
 
 def _label_range(labels: Tensor) -> list[int] | None:
@@ -243,7 +276,7 @@ def _compare(old: Any, new: Any, where: str, lines: list[str]) -> None:
         lines.append(f"{where}: checkpoint {_short(old)}, now {_short(new)}")
 
 
-_PART_NAMES = {"teachers": "teacher", "objective": "objective", "data": "data", "input_shape": "input shape"}
+_PART_NAMES = {"teachers": "teacher", "objective": "objective", "data": "data"}
 
 
 def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -253,7 +286,7 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
     recorded does not hold it).
     """
     lines: list[str] = []
-    for part in ("teachers", "objective", "data", "input_shape"):
+    for part in ("teachers", "objective", "data"):
         if part in saved and part in current:
             _compare(saved[part], current[part], _PART_NAMES[part], lines)
     return lines

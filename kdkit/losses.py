@@ -353,9 +353,11 @@ class DKD(LogitLoss):
             return torch.cat([log_target, log_rest], dim=1)
 
         tckd = F.kl_div(binary(s), binary(t), reduction="batchmean", log_target=True)
-        others = ~is_target
-        s_rest = s[others].view(batch, classes - 1)
-        t_rest = t[others].view(batch, classes - 1)
+        # The non-target classes in order, by index: a boolean mask would need torch.nonzero, which
+        # waits for the device (and has no meta-device form for the plan check).
+        positions = torch.arange(classes - 1, device=s.device).expand(batch, -1)
+        others = positions + (positions >= target[:, None])
+        s_rest, t_rest = s.gather(1, others), t.gather(1, others)
         nckd = F.kl_div(
             F.log_softmax(s_rest, dim=1), F.log_softmax(t_rest, dim=1), reduction="batchmean", log_target=True
         )

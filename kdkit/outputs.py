@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ __all__ = [
     "StepOutput",
     "check_images",
     "check_labels",
+    "check_soft_labels",
     "stable_name",
     "has_distillation_head",
     "mean_of_heads",
@@ -107,6 +109,17 @@ def check_labels(labels: object, batch_size: int) -> None:
         raise ValueError(f"{labels.shape[0]} labels for a batch of {batch_size} images")
 
 
+def check_soft_labels(labels: Tensor, logits: Tensor) -> None:
+    """Refuses ``(B, K)`` soft labels whose ``K`` is not the logits' number of classes (before the loss's own error).
+
+    Raises:
+        ValueError: Naming both shapes.
+    """
+    if labels.dim() == 2 and labels.is_floating_point() and labels.shape != logits.shape:
+        raise ValueError(f"soft labels of shape {tuple(labels.shape)} for logits of shape {tuple(logits.shape)}: "
+                         "give one probability per class of the model")
+
+
 def has_distillation_head(model: nn.Module) -> bool:
     """Whether a model declares a distillation head beside its class head (timm's distilled models, HDKD)."""
     inner = unwrap_model(model)
@@ -114,8 +127,12 @@ def has_distillation_head(model: nn.Module) -> bool:
 
 
 def select_output(output: Any, logits_from: LogitsFrom) -> Any:
-    """The part of a model's ``output`` that ``logits_from`` names (see :data:`LogitsFrom`)."""
-    if logits_from is None:
+    """The part of a model's ``output`` that ``logits_from`` names (see :data:`LogitsFrom`).
+
+    A bare tensor is the logits already: Inception returns ``(logits, aux)`` in training and its
+    logits alone in evaluation, and ``logits_from=0`` must not take the first sample then.
+    """
+    if logits_from is None or isinstance(output, Tensor):
         return output
     if callable(logits_from):
         return logits_from(output)
@@ -126,10 +143,17 @@ def select_output(output: Any, logits_from: LogitsFrom) -> Any:
 
 def stable_name(value: object) -> int | str | None:
     """``value`` (a ``logits_from``, a loss function) as JSON that is the same in every process and
-    run: ``None``, an int or a string as it is, a callable by its module and qualified name."""
+    run: ``None``, an int or a string as it is, a function by its module and qualified name, a
+    ``functools.partial`` with its arguments, another callable by its ``repr`` unless that holds
+    a memory address (then by its type)."""
     if value is None or isinstance(value, (int, str)):
         return value  # type: ignore[return-value]
-    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    if isinstance(value, functools.partial):
+        return f"functools.partial({stable_name(value.func)}, *{value.args!r}, **{value.keywords!r})"
+    if hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    text = repr(value)
+    return text if " at 0x" not in text else f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def _describe(output: Any) -> str:

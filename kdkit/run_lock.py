@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".kdkit-run.lock"  #: in a run's output folder, held while a process trains in it
 LOCKS_UNSUPPORTED = -1  #: what :func:`lock_file` returns where no lock can be taken (it warned)
+_HELD: set[str] = set()  # the run folders this process holds
 
 
 class RunLockedError(RuntimeError):
@@ -159,9 +160,20 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> RunLock:
-        """Takes the lock, writing who holds it (pid, host, start time, command) into the lock file."""
+        """Takes the lock, writing who holds it (pid, host, start time, command) into the lock file.
+
+        Raises:
+            RunLockedError: Another process holds the folder, or another lock of this process does
+                (a record lock belongs to the process: a second one would not exclude it, and
+                releasing either would release both).
+        """
         if self._fd is not None:
             return self
+        key = os.path.realpath(self.folder)
+        if key in _HELD:
+            raise RunLockedError(f"{self.folder} is in use: this process is already training in it (a Trainer.fit "
+                                 "inside another's on the same output folder); give the inner run another folder",
+                                 folder=self.folder, holder={"pid": os.getpid()})
         note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)})
         fd = lock_file(self.path, note=note + "\n")
@@ -173,11 +185,14 @@ class RunLock:
                 f"{self.folder} is in use: {who} is training in it. Wait for it to end, stop it, or give this "
                 "run another output folder", folder=self.folder, holder=holder)
         self._fd = fd
+        _HELD.add(key)
         return self
 
     def release(self) -> None:
         """Gives the lock up (nothing when not held)."""
         fd, self._fd = self._fd, None
+        if fd is not None:
+            _HELD.discard(os.path.realpath(self.folder))
         unlock_file(fd)
 
     def holder(self) -> dict[str, object]:

@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fingerprint import module_options
-from .outputs import LogitsFrom, StepOutput, check_labels, stable_name, mean_of_heads, model_heads, select_output
+from .outputs import (
+    LogitsFrom,
+    StepOutput,
+    check_labels,
+    check_soft_labels,
+    mean_of_heads,
+    model_heads,
+    select_output,
+    stable_name,
+)
 from .taps import unwrap_model
 
 __all__ = ["Supervised"]
@@ -81,6 +90,7 @@ class Supervised(nn.Module):
         if labels is None:
             return StepOutput(loss=None, logits=logits, terms={})
         check_labels(labels, logits.shape[0])
+        check_soft_labels(labels, logits)
         loss = self.validation_loss(logits, labels)
         # A detached tensor, not a float: reading it back would make the host wait for the device.
         return StepOutput(loss=loss, logits=logits, terms={self.term_name: loss.detach()})

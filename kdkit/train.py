@@ -155,8 +155,32 @@ class FitResult:
     output_dir: Path | None = None
 
 
-def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+def _fails_on_one_image(model: nn.Module, dataset: Any) -> bool:
+    """Whether ``model`` fails on a training batch of one item of ``dataset``: batch norm over one
+    value per channel (after pooling, or on a 1 x 1 map), found on the ``meta`` device.
+
+    The model runs with ``meta`` copies of its parameters and buffers (:func:`torch.func.functional_call`):
+    no memory, no compute, and its own statistics do not move.
+    """
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return False
+    try:
+        item = dataset[0]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        state = {name: torch.empty_like(tensor, device="meta")
+                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+        was_training = model.training
+        model.train()
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(model, state, (torch.empty(1, *image.shape, device="meta"),))
+        finally:
+            model.train(was_training)
+    except ValueError as error:
+        return "Expected more than 1 value per channel" in str(error)
+    except Exception:  # a model the meta device cannot run: the step's own check names the failure
+        return False
+    return False
 
 
 def _unpack_batch(batch: object) -> tuple[Tensor, Tensor | None]:
@@ -227,8 +251,7 @@ class Trainer:
         self.state = TrainState()
         self._prepared_loaders: dict[int, tuple[Any, Any]] = {}
         self._updates_per_epoch: int | None = None
-        self._fingerprint: dict[str, Any] | None = None  # of this fit's run; the input shape is added at its first batch
-        self._expected_input_shape: list[int] | None = None  # a resumed run's, checked at its first batch
+        self._fingerprint: dict[str, Any] | None = None  # of this fit's run
         self._num_outputs: int | None = None
 
     @property
@@ -280,8 +303,9 @@ class Trainer:
         lock = RunLock(self.output_dir)
         main_decides(lambda: lock.acquire() and None)  # the main process locks for all; its refusal stops all
         try:
-            # What a killed write left (a best model's or a metrics file's temporary); never a live writer's.
-            main_decides(lambda: clean_stale_temporaries(self.output_dir) and None)
+            # What a killed write of kdkit's left (a best model's or a metrics file's temporary): never a
+            # live writer's, nor a file kdkit cannot tell is its own (the folder is the user's).
+            main_decides(lambda: clean_stale_temporaries(self.output_dir, max_age=None) and None)
             return self._fit(train_loader, val_loader, resume=resume, overwrite=overwrite)
         finally:
             lock.release()
@@ -305,7 +329,8 @@ class Trainer:
         self.schedule = LRSchedule(cfg, self.optimizer, self._updates_per_epoch)
         self.state = TrainState()
         self._fingerprint = run_fingerprint(self.task, {"train": train_loader, "val": val_loader})
-        self._expected_input_shape = None
+        if acc.is_main_process:
+            self._warn_unchecked(self._fingerprint)
         self._check_data(train_loader)
 
         checkpoint = self.checkpoints.resolve(resume)
@@ -316,8 +341,7 @@ class Trainer:
                 logger.info("%s already holds the finished run (%d epochs)", checkpoint, self.state.epoch)
                 return self._result()
         else:
-            if resume is False:
-                main_decides(lambda: self._check_fresh_start(overwrite))
+            main_decides(lambda: self._check_fresh_start(overwrite, resumed=resume is not False))
             self.metrics_log.rewrite([])
 
         trackers_started = self.metrics_log.start_trackers(cfg.to_dict())
@@ -328,6 +352,19 @@ class Trainer:
             if trackers_started:
                 self.metrics_log.end_trackers()
         return self._result()
+
+    @staticmethod
+    def _warn_unchecked(fingerprint: Mapping[str, Any]) -> None:
+        """Says what a resume of this run cannot compare: data kdkit cannot look into, loss options it cannot read."""
+        for name, record in fingerprint.get("data", {}).items():
+            if record.get("content") == "unchecked":
+                logger.warning("the %s data (%s) cannot be fingerprinted, so a resume would not notice other items of the "
+                               "same count; give it a fingerprint() method (kdkit.fingerprint)", name, record.get("kind"))
+        terms = (fingerprint.get("objective") or {}).get("terms") or {}
+        for term, described in terms.items():
+            if unread := (described.get("options") or {}).get("unread"):
+                logger.warning("loss %r keeps its options %s under no attribute of the same name, so a resume would not "
+                               "notice them change", term, unread)
 
     def _check_data(self, train_loader: Any) -> None:
         """Refuses, before training, labels outside the classes and a training batch of one image under batch norm."""
@@ -346,15 +383,24 @@ class Trainer:
         batch_size, drop_last = getattr(train_loader, "batch_size", None), getattr(train_loader, "drop_last", True)
         size = len(train_loader.dataset) if hasattr(train_loader, "dataset") and hasattr(train_loader.dataset, "__len__") else None
         if (self.accelerator.num_processes == 1 and isinstance(batch_size, int) and batch_size > 1 and not drop_last
-                and size is not None and size % batch_size == 1 and _has_batch_norm(self.student)):
+                and size is not None and size % batch_size == 1 and self.train_transform is None
+                and _fails_on_one_image(self.student, train_loader.dataset)):
             raise ValueError(
                 f"the training loader's last batch holds one image ({size} images at batch size {batch_size}), and "
-                "batch norm cannot train on one: use drop_last=True (kdkit.data.make_loader does), or another batch size")
+                "the student's batch norm cannot train on one: use drop_last=True (kdkit.data.make_loader does), or "
+                "another batch size")
 
-    def _check_fresh_start(self, overwrite: bool) -> None:
-        """Refuses a fresh start over a run's results unless ``overwrite``; says what it replaces when it may."""
+    def _check_fresh_start(self, overwrite: bool, resumed: bool = False) -> None:
+        """Refuses a fresh start over a run's results unless ``overwrite``; says what it replaces when it may.
+
+        With ``resume`` and no checkpoint to continue (a run killed before its first one), the
+        start is what was asked for: it replaces the run's best model, with a warning.
+        """
         existing = describe_run(self.output_dir)
         if existing is None:
+            return
+        if resumed:
+            logger.warning("resume: %s holds no checkpoint to continue; starting afresh, replacing %s", self.output_dir, existing)
             return
         if not overwrite:
             raise RunExistsError(
@@ -433,8 +479,6 @@ class Trainer:
             for index, batch in enumerate(loader):
                 images, labels = self._model_input(batch, self.train_transform, "training")
                 first = index == 0 and epoch == self.state.epoch
-                if first:
-                    self._check_input_shape(images)
                 with acc.accumulate(self.task):
                     out = self._training_step(images, labels, epoch, index, batches)
                     if first:
@@ -471,7 +515,11 @@ class Trainer:
             low, high = int(labels.min()), int(labels.max())
             if self._num_outputs is not None and (low < 0 or high >= self._num_outputs):
                 self._refuse_labels(low, high, epoch, index, batches)
-            raise  # another index error
+            names = f" ({len(self.class_names)} class_names)" if self.class_names is not None else ""
+            raise ValueError(
+                f"batch {index + 1}/{batches} of epoch {epoch + 1} has labels {low}..{high}, which the loss cannot find "
+                f"among the student's logits{names}: {error}. Check the labels and the student's number of outputs"
+            ) from error
         except ValueError as error:
             if "Expected more than 1 value per channel" not in str(error):
                 raise
@@ -492,16 +540,6 @@ class Trainer:
             f"batch {batch + 1}/{batches} of epoch {epoch + 1}{where} has labels {low}..{high}, outside the student's "
             f"{self._num_outputs} classes (0..{self._num_outputs - 1}); a label of -100 would be ignored by the "
             "cross-entropy without a word. Training stopped.")
-
-    def _check_input_shape(self, images: Tensor) -> None:
-        """Records the model input's shape in the fingerprint; a resumed run must train on the same."""
-        shape = list(images.shape[1:])
-        if self._expected_input_shape is not None and shape != self._expected_input_shape:
-            raise ResumeError(
-                f"cannot resume from {self.checkpoints.find()}: its run trained on inputs of shape "
-                f"{tuple(self._expected_input_shape)}, this one's are {tuple(shape)} (another image size?)")
-        if self._fingerprint is not None:
-            self._fingerprint["input_shape"] = shape
 
     def _check_outputs(self, logits: Tensor) -> None:
         """The class names must name every output of the student, no more and no fewer."""
@@ -629,7 +667,6 @@ class Trainer:
         self.checkpoints.check_best_model(self.best_model_path, state, path)  # before loading: a refusal changes nothing
         self.checkpoints.load(path, self.schedule)
         self.state = TrainState.from_dict(state)
-        self._expected_input_shape = (state.get("fingerprint") or {}).get("input_shape")
         logger.info("resumed from %s after epoch %d (step %d)", path, self.state.epoch, self.state.global_step)
 
     def _result(self) -> FitResult:

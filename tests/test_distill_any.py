@@ -74,6 +74,9 @@ TINY = ["--teacher", "resnet10t", "--student", "resnet10t", "--image-size", "16"
         (["--student", "hdkd_student", "--image-size", "8"], ["the student model 'hdkd_student' cannot be built for 8 x 8 images", "--image-size"]),
         (["--student", "deit_tiny_patch16_224"], ["the student model 'deit_tiny_patch16_224' cannot take 16 x 16 images", "--image-size"]),
         (["--resume", "--overwrite"], ["--resume", "--overwrite", "not both"]),
+        (["--lr", "nan"], ["TrainConfig.lr must be a positive number, got nan (--lr)"]),
+        (["--lr", "0"], ["TrainConfig.lr must be a positive number, got 0.0 (--lr)"]),
+        (["--losses", "ce=0.5,dkd=1"], None),  # a registered loss the meta device runs: the plan passes
     ],
 )
 def test_the_whole_plan_is_checked_before_the_data_is_read_or_anything_trains(distill_any, tmp_path, monkeypatch, capsys, flags, named):
@@ -82,6 +85,10 @@ def test_the_whole_plan_is_checked_before_the_data_is_read_or_anything_trains(di
 
     monkeypatch.setattr(distill_any.kdata, "load_imagefolder", never)
     monkeypatch.setattr(kdkit.Trainer, "fit", never)
+    if named is None:  # past the plan check: the data is read next
+        with pytest.raises(AssertionError, match="the plan check must come first"):
+            distill_any.main(["--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out"), *TINY, *flags])
+        return
     with pytest.raises(SystemExit) as stopped:
         distill_any.main(["--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out"), *TINY, *flags])
     assert stopped.value.code == 2

@@ -21,7 +21,7 @@ from kdkit.train import ResumeError
 from kdkit_zoo.hdkd import experiment
 from kdkit_zoo.hdkd.claims import RunClaims
 from kdkit_zoo.hdkd.cli import build_parser, config_from_args
-from kdkit_zoo.hdkd.config import PRESETS, ExperimentConfig
+from kdkit_zoo.hdkd.config import PRESETS, STUDENT, ExperimentConfig
 from kdkit_zoo.hdkd.report import summary_cell
 from kdkit_zoo.hdkd.run_plan import check_models, figure_tap
 from kdkit_zoo.hdkd.settings import EXPERIMENT_FILE, check_same_settings, defining_settings
@@ -371,7 +371,7 @@ def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
     data = _class_folders(tmp_path / "images")
     args = build_parser(None).parse_args([
         "--data", str(data), "--output-dir", str(tmp_path / "run"), "--preset", "cpu", "--image-size", "32",
-        "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "3,20", "--seeds", "0", "--batch-size", "8",
+        "--teacher-epochs", "1", "--student-epochs", "2", "--sizes", "3,20", "--seeds", "0", "--batch-size", "8",
         "--teacher", "resnet10t", "--student", "resnet10t", "--taps", "layer2,layer3", "--mixed-precision", "no",
         "--figure-tap", "teacher=layer3,student=layer2",
     ])
@@ -381,6 +381,11 @@ def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
     assert [(run["model"], run["size"]) for run in results["runs"]] == [("student", 3), ("HDKD", 3), ("student", 20), ("HDKD", 20)]
     assert results["data"]["layout"] == "class folders" and results["data"]["seed"] == 0
     assert results["notes"] and "20 images per class" in results["notes"][0]
+    # The 20-per-class run (the whole pool) trains 2 epochs: the teacher's 1 would give it fewer steps.
+    assert any("the teacher trains 2 epochs instead of 1, so that it takes at least the 8 optimizer steps of the longest "
+               "student run (student_20_seed0)" in note for note in results["notes"])
+    teacher_history = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert teacher_history[-1]["global_step"] >= max(run["epochs"] for run in results["runs"]) * 4
     assert results["config"]["select_metric"] == "accuracy"
     report = (tmp_path / "run" / "results.md").read_text()
     assert "resnet10t" in report and str(data) in report
@@ -426,6 +431,25 @@ def test_the_experiment_on_a_csv_with_groups_through_accelerate_launch(tmp_path)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             assert not sides[first] & sides[second], (first, second)
+
+
+def test_a_teacher_below_the_student_alone_is_flagged_per_size_and_metric():
+    from kdkit_zoo.hdkd.report import weak_teacher_notes
+
+    config = ExperimentConfig(sizes=[50, None], seeds=[0, 1])
+    alone = lambda size, seed, acc, bal: dict(model=STUDENT, size=size, seed=seed, accuracy=acc, balanced_accuracy=bal, macro_f1=0.5)  # noqa: E731
+    results = {"teacher": {"accuracy": 0.838, "balanced_accuracy": 0.9, "macro_f1": 0.8},
+               "runs": [alone(50, 0, 0.86, 0.80), alone(50, 1, 0.876, 0.82), alone("all", 0, 0.80, 0.95), alone("all", 1, 0.82, 0.93)]}
+    notes = weak_teacher_notes(results, config)
+    assert notes == [
+        "the teacher (accuracy 83.80%) is below the student alone at 50 images per class (86.80%): HDKD distils a weaker "
+        "model than the student reaches alone there, so its result says nothing about distillation; train the teacher "
+        "longer (--teacher-epochs) or with another recipe",
+        notes[1],
+    ]
+    assert notes[1].startswith("the teacher (balanced accuracy 90.00%) is below the student alone at all images per class (94.00%)")
+    results["teacher"] = {"accuracy": 0.95, "balanced_accuracy": 0.95, "macro_f1": 0.9}
+    assert weak_teacher_notes(results, config) == []
 
 
 def test_the_figure_tap_is_one_for_all_models_or_one_per_role():

@@ -92,6 +92,26 @@ def test_labels_of_another_type_or_shape_are_named(tmp_path: Path, labels, error
         Distiller(net(1), net(2))(torch.randn(8, 3, 8, 8), labels)
 
 
+def test_labels_the_logits_cannot_hold_are_named_even_when_the_classes_are_unknown(tmp_path: Path):
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))  # no num_classes, and no class_names given
+    run = Trainer(Supervised(plain), TrainConfig(epochs=1, lr=0.01, output_dir=tmp_path / "plain", progress=False))
+    with pytest.raises(ValueError, match=r"batch 1/2 of epoch 1 has labels 0\.\.3, which the loss cannot find among the "
+                                         r"student's logits: Target 3 is out of bounds"):
+        run.fit(DataLoader(Opaque([0, 1, 2, 3] * 4), batch_size=8))
+    with pytest.raises(ValueError, match=r"labels 0\.\.3, which the loss cannot find among the student's logits \(4 class_names\)"):
+        trainer(tmp_path / "names", nn.Sequential(nn.Flatten(), nn.Linear(192, 3)), classes=[*CLASSES, "d"]).fit(
+            DataLoader(Opaque([0, 1, 2, 3] * 4), batch_size=8))
+
+
+def test_soft_labels_of_another_width_are_named():
+    logits_model = net()
+    with pytest.raises(ValueError, match=r"soft labels of shape \(4, 4\) for logits of shape \(4, 3\)"):
+        Supervised(logits_model)(torch.randn(4, 3, 8, 8), torch.full((4, 4), 0.25))
+    with pytest.raises(ValueError, match=r"soft labels of shape \(4, 4\) for logits of shape \(4, 3\)"):
+        Distiller(net(1), net(2))(torch.randn(4, 3, 8, 8), torch.full((4, 4), 0.25))
+    Supervised(logits_model)(torch.randn(4, 3, 8, 8), torch.full((4, 3), 1 / 3))  # the right width trains
+
+
 def test_more_class_names_than_outputs_are_refused(tmp_path: Path):
     with pytest.raises(ValueError, match=r"4 class_names \(\['a', 'b', 'c', 'd'\]\) for a student with 3 outputs"):
         trainer(tmp_path, classes=[*CLASSES, "d"]).fit(DataLoader(images(), batch_size=8))
@@ -126,11 +146,30 @@ def test_a_nan_validation_loss_never_selects_the_best_model(tmp_path: Path, capl
 
 
 # --------------------------------------------------------------------------- batches
+def pooled_batch_norm() -> nn.Module:
+    """Batch norm after pooling: one value per channel in a batch of one image, which cannot train."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
 def test_a_training_batch_of_one_under_batch_norm_is_refused_before_training(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"last batch holds one image \(17 images at batch size 8\), and batch norm cannot "
-                                         r"train on one: use drop_last=True"):
-        trainer(tmp_path, net(batch_norm=True)).fit(DataLoader(images(17), batch_size=8))
-    trainer(tmp_path / "no_bn").fit(DataLoader(images(17), batch_size=8))  # without batch norm it trains
+    with pytest.raises(ValueError, match=r"last batch holds one image \(17 images at batch size 8\), and the student's batch "
+                                         r"norm cannot train on one: use drop_last=True"):
+        trainer(tmp_path, pooled_batch_norm()).fit(DataLoader(images(17), batch_size=8))
+    assert not (tmp_path / "metrics.jsonl").exists()  # before any training
+    # batch norm over 8 x 8 maps trains on one image: not refused
+    trainer(tmp_path / "maps", net(batch_norm=True)).fit(DataLoader(images(17), batch_size=8))
+
+
+def test_a_training_batch_of_one_under_batch_norm_found_only_in_training_is_named(tmp_path: Path):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    data = images(17)
+    loader = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 8, drop_last=False))  # no batch_size to check
+    with pytest.raises(ValueError, match=r"batch 3/3 of epoch 1 holds 1 image\(s\) per batch-norm channel, and batch norm "
+                                         r"cannot train on one: drop the last partial batch"):
+        trainer(tmp_path, pooled_batch_norm()).fit(loader)
 
 
 def test_images_the_models_cannot_take_are_named():
@@ -189,6 +228,15 @@ def test_two_outputs_are_read_as_two_heads_only_from_a_model_that_declares_them(
     assert torch.allclose(distiller(x, y).loss, expected, atol=1e-6)  # the KL term reads the main logits
 
 
+@pytest.mark.parametrize("distilled", [False, True])
+def test_logits_from_leaves_an_evaluation_tensor_whole(tmp_path: Path, distilled: bool):
+    model = MainAndAux()  # a tuple in training, its logits alone in evaluation
+    task = Distiller(net(1), model, logits_from=0) if distilled else Supervised(model, logits_from=0)
+    run = Trainer(task, TrainConfig(epochs=1, lr=0.01, output_dir=tmp_path, progress=False), class_names=CLASSES)
+    result = run.fit(DataLoader(images(), batch_size=8), DataLoader(images(8), batch_size=8))
+    assert result.best_epoch == 1 and result.final_val_metrics["num_samples"] == 8
+
+
 def test_a_dynamic_size_vit_run_at_another_size_than_its_probe_is_named():
     teacher = timm.create_model("resnet10t", num_classes=3)
     student = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3, dynamic_img_size=True)
@@ -198,3 +246,17 @@ def test_a_dynamic_size_vit_run_at_another_size_than_its_probe_is_named():
     with pytest.raises(ValueError, match=r"student tap 'blocks\.1' gives features of shape \(37, 192\) on this batch of "
                                          r"\(3, 48, 48\) images, but \(17, 192\) on the \(3, 32, 32\) probe"):
         distiller(torch.randn(2, 3, 48, 48), torch.tensor([0, 1]))
+
+
+def test_callables_are_named_the_same_in_every_process():
+    import functools
+    import operator
+
+    from kdkit.outputs import stable_name
+
+    def pick(output, index):
+        return output[index]
+
+    assert stable_name(functools.partial(pick, index=1)) == f"functools.partial({__name__}.test_callables_are_named_the_same_in_every_process.<locals>.pick, *(), **{{'index': 1}})"
+    assert stable_name(operator.itemgetter(0)) == "operator.itemgetter(0)" != stable_name(operator.itemgetter(1))
+    assert " at 0x" not in str(stable_name(type("Picker", (), {"__call__": lambda self, o: o})()))

@@ -7,7 +7,7 @@ import torch
 
 from kdkit import LossTerm, devices
 from kdkit.checkpoint_manager import RunExistsError
-from kdkit.losses import LogitLoss
+from kdkit.losses import LOSSES, LogitLoss
 from kdkit.plan import (
     PlanError,
     PlannedModel,
@@ -181,3 +181,11 @@ def test_a_fresh_start_over_runs_with_results_is_refused_listing_them_all(tmp_pa
     assert check_fresh_starts({"empty": folders["empty"], "none": tmp_path / "none"}, resume=False, overwrite=False) == {}
     with pytest.raises(PlanError, match="--resume continues .* --overwrite replaces them"):
         check_fresh_starts(folders, resume=True, overwrite=True, names=names)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_passes_the_plan_check_on_the_meta_device(name):
+    teacher, student = _resnets()
+    feature = LOSSES.build(name).inputs == "features"
+    check_distillation(teacher, student, image_size=32, batch_size=4, losses={"ce": 0.5, name: 1.0},
+                       taps=["layer3"] if feature else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -100,13 +101,49 @@ class Unlabelled(Dataset):
         return self.data[index]
 
 
-def test_a_resume_at_another_image_size_is_refused_at_its_first_batch(tmp_path: Path):
-    with pytest.raises(KeyboardInterrupt):
-        distil(tmp_path, data=Unlabelled(8), interrupt_at=3)
-    assert dataset_fingerprint(Unlabelled(8))["content"] == "unchecked"
-    with pytest.raises(ResumeError, match=r"trained on inputs of shape \(3, 8, 8\), this one's are \(3, 12, 12\)"):
-        distil(tmp_path, data=Unlabelled(12))
-    distil(tmp_path, data=Unlabelled(8))
+def test_data_that_cannot_be_fingerprinted_is_said_so_and_never_fails(tmp_path: Path, caplog):
+    with caplog.at_level("WARNING", logger="kdkit.train"):
+        distil(tmp_path, data=Unlabelled(8))
+    assert "the train data (Unlabelled) cannot be fingerprinted, so a resume would not notice other items" in caplog.text
+
+    class Odd(Dataset):  # structures kdkit does not know: described as unchecked, never an error
+        samples = [("a.png", 0, "extra")]
+        labels = ["cat", "dog"]
+        targets = [1, None]
+
+        def __len__(self) -> int:
+            return 2
+
+    assert dataset_fingerprint(Odd()) == {"kind": "Odd", "size": 2, "content": "unchecked"}
+    ids = TensorDataset(torch.zeros(4, 3, 2, 2), torch.arange(100, 104), torch.arange(4) % 3)  # (x, id, y): ids are no labels
+    assert "label_range" not in dataset_fingerprint(ids)
+
+
+def test_a_resume_at_another_image_size_names_it(interrupted: Path):
+    with pytest.raises(ResumeError, match=r"data\.train\.image_shape: checkpoint \[3, 8, 8\], now \[3, 12, 12\]"):
+        distil(interrupted, data=images(size=12))
+
+
+class ScaledKL(nn.Module):
+    """A user's loss keeping its option privately, and one it keeps nowhere."""
+
+    inputs = "logits"
+
+    def __init__(self, tau: float = 1.0, mode: str = "a") -> None:
+        super().__init__()
+        self._tau = tau
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return LogitKL(temperature=self._tau)(student_logits, teacher_logits)
+
+
+def test_a_users_loss_options_are_compared_and_the_unreadable_ones_named(tmp_path: Path, caplog):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="kdkit.train"):
+        distil(tmp_path, losses=[LossTerm("ce", 0.5), LossTerm(ScaledKL(1.0), 0.5)], interrupt_at=3)
+    assert "loss 'ScaledKL' keeps its options ['mode'] under no attribute of the same name" in caplog.text
+    with pytest.raises(ResumeError, match=r"objective\.terms\.ScaledKL\.options\.tau: checkpoint 1\.0, now 8\.0"):
+        distil(tmp_path, losses=[LossTerm("ce", 0.5), LossTerm(ScaledKL(8.0), 0.5)])
+    assert module_options(ScaledKL(2.0)) == {"tau": 2.0, "unread": ["mode"]}
 
 
 def test_fingerprints_see_weights_options_and_data():
@@ -139,12 +176,31 @@ def test_a_fresh_start_over_a_finished_run_is_refused_unless_overwrite(tmp_path:
     assert describe_run(tmp_path / "elsewhere") is None
 
 
+def test_a_resume_without_a_checkpoint_starts_afresh_saying_what_it_replaces(tmp_path: Path, caplog):
+    loader = DataLoader(images(), batch_size=8)
+    supervised(tmp_path).fit(loader)
+    shutil.rmtree(tmp_path / "checkpoints")  # as a run killed before its first checkpoint leaves its folder
+    with caplog.at_level("WARNING", logger="kdkit.train"):
+        supervised(tmp_path).fit(loader, resume=True)
+    assert "holds no checkpoint to continue; starting afresh, replacing its best model" in caplog.text
+
+
 def test_a_fresh_start_over_an_interrupted_run_is_refused_too(interrupted: Path):
     with pytest.raises(RunExistsError, match=r"holds an interrupted run \(checkpoint after epoch 1 of 3"):
         distil(interrupted, resume=False)
 
 
 # --------------------------------------------------------------------------- one process per run folder
+def test_a_run_inside_another_on_the_same_folder_is_refused_and_keeps_the_outer_lock(tmp_path: Path):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockedError, match=r"this process is already training in it"):
+            supervised(tmp_path).fit(DataLoader(images(), batch_size=8))
+        with pytest.raises(RunLockedError):  # the refused inner run released nothing
+            RunLock(tmp_path).acquire()
+    supervised(tmp_path).fit(DataLoader(images(), batch_size=8))  # sequential runs in one process: fine
+    supervised(tmp_path).fit(DataLoader(images(), batch_size=8), resume=True)
+
+
 _HOLDER = textwrap.dedent("""
     import sys
     from kdkit.run_lock import RunLock
@@ -178,8 +234,10 @@ def test_the_temporaries_of_a_killed_write_are_removed_at_the_next_start_and_a_l
     tmp_path.mkdir(exist_ok=True)
     killed = tmp_path / f".best_model.safetensors.{_host_tag()}.{child.pid}.0123456789ab.tmp"
     live = tmp_path / f".metrics.jsonl.{_host_tag()}.{os.getpid()}.0123456789ab.tmp"
-    for path in (killed, live):
+    users = tmp_path / ".editor-backup.tmp"  # not kdkit's, however old: never removed
+    for path in (killed, live, users):
         path.write_bytes(b"half a file")
+    os.utime(users, (0, 0))
     supervised(tmp_path).fit(DataLoader(images(), batch_size=8))
-    assert not killed.exists() and live.exists()
-    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [live.name]  # the run itself left none
+    assert not killed.exists() and live.exists() and users.exists()
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted([live.name, users.name])  # the run itself left none

@@ -75,21 +75,21 @@ class ScriptedCE(nn.Module):
     """Cross-entropy that returns NaN at training call ``nan_at`` or raises at training call ``crash_at`` (1-based).
 
     The Trainer also computes ``val_loss`` with the task's loss (under ``no_grad``); those calls are not counted.
-    The faults are private attributes: not options of the objective, so a resume without them is the same run.
+    The faults are kept under other names than their arguments: not options of the objective, so a resume without them is the same run.
     """
 
     def __init__(self, nan_at: int | None = None, crash_at: int | None = None) -> None:
         super().__init__()
-        self._nan_at, self._crash_at, self.calls = nan_at, crash_at, 0
+        self._fault_nan, self._fault_crash, self.calls = nan_at, crash_at, 0
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation
             return nn.functional.cross_entropy(logits, labels)
         self.calls += 1
-        if self.calls == self._crash_at:
+        if self.calls == self._fault_crash:
             raise KeyboardInterrupt("simulated interruption")
         loss = nn.functional.cross_entropy(logits, labels)
-        if self.calls == self._nan_at:
+        if self.calls == self._fault_nan:
             loss = loss * float("nan")
         return loss
 

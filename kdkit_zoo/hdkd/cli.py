@@ -243,5 +243,7 @@ def main(dataset: str | None = None, argv: Sequence[str] | None = None) -> dict[
     results = run_experiment(config)
     if PartialState(cpu=distributed_without_accelerator()).is_main_process:
         print(results_markdown(results, config))
+        seconds = float(results["config"]["seconds"])  # type: ignore[index]
+        print(f"wall time: {seconds / 60:.1f} min ({seconds:.0f} s) on {torch.get_num_threads()} CPU thread(s) per process")
         print(f"results written to {config.output_dir}")
     return results

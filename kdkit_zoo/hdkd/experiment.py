@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from kdkit.train import Supervised, TrainConfig, Trainer, distributed_without_ac
 from .claims import RunClaims
 from .config import ARMS, HDKD, PRESETS, STUDENT, ExperimentConfig
 from .datasets import DATASETS, load_dataset
-from .report import metric_summary, metric_values, paired_values, results_markdown, size_label
+from .report import metric_summary, metric_values, paired_values, results_markdown, size_label, weak_teacher_notes
 from .run_plan import PlannedRun, check_fresh_start, check_models, check_runs_fit, figure_tap, model_kwargs, plan_runs
 from .settings import EXPERIMENT_FILE, check_same_data, check_same_settings
 from .training import (
@@ -53,6 +54,7 @@ from .training import (
     is_finished,
     loader,
     prepare_data,
+    student_steps,
     student_train_config,
     teacher_train_config,
 )
@@ -139,10 +141,14 @@ def _run_joined(config: ExperimentConfig, claims: RunClaims, output_dir: Path, s
     planned = plan_runs(config, data.pool)
     # Every run gets a step on every process, or nothing starts (not the twentieth run, hours in).
     check_runs_fit(config, data.pool, planned, state.num_processes)
-    teacher = _Teacher(config, data, claims, output_dir, state)
+    teacher = _Teacher(config, data, claims, output_dir, state, planned)
+    notes += teacher.notes
     students = _train_students(planned, teacher, claims, config, data, output_dir)
     results = _results(config, data, teacher, planned, students, state, started)
     results["data"] = data_record
+    for note in weak_teacher_notes(results, config):
+        logger.warning("%s", note)
+        notes.append(note)
     results["notes"] = notes
     if state.is_main_process:
         _write_report(results, config, data, teacher, students.figure_models, output_dir)
@@ -195,17 +201,28 @@ class _Teacher:
     """
 
     def __init__(
-        self, config: ExperimentConfig, data: ExperimentData, claims: RunClaims, output_dir: Path, state: PartialState
+        self, config: ExperimentConfig, data: ExperimentData, claims: RunClaims, output_dir: Path, state: PartialState,
+        planned: Sequence[PlannedRun] = (),
     ) -> None:
         torch.manual_seed(0)  # the teacher's initial weights: the same in every worker and every run
         self.model = timm.create_model(config.teacher_model, num_classes=len(data.classes), **model_kwargs(config.teacher_model, config.image_size))
         self.metrics: dict[str, object] | None = None
+        self.notes: list[str] = []
         self._config, self._data, self._claims, self._output_dir, self._state = config, data, claims, output_dir, state
         if config.teacher_checkpoint:
             self._test_checkpoint()
             return
         self._train_set = self._training_set()
-        self._train_config = teacher_train_config(config, output_dir / "teacher", len(self._train_set))
+        # Never fewer optimizer steps than the longest student run.
+        longest = max(planned, key=lambda run: student_steps(config, len(run.subset), state.num_processes), default=None)
+        at_least = student_steps(config, len(longest.subset), state.num_processes) if longest is not None else 0
+        self._train_config = teacher_train_config(config, output_dir / "teacher", len(self._train_set), at_least_steps=at_least,
+                                                  num_processes=state.num_processes)
+        if self._train_config.epochs > config.teacher_epochs_for(len(self._train_set)):
+            note = (f"the teacher trains {self._train_config.epochs} epochs instead of {config.teacher_epochs_for(len(self._train_set))}, "
+                    f"so that it takes at least the {at_least} optimizer steps of the longest student run ({longest.name})")
+            logger.warning("%s", note)
+            self.notes.append(note)
         if config.finished_only and not main_decides(lambda: is_finished(self._train_config)):
             raise ValueError(f"finished_only: the teacher in {self._train_config.output_dir} has not finished training")
 

@@ -21,6 +21,7 @@ __all__ = [
     "results_markdown",
     "size_label",
     "summary_cell",
+    "weak_teacher_notes",
 ]
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -57,6 +58,29 @@ def metric_values(
         seeds: Keep only the runs of these seeds.
     """
     return [100 * float(r[metric]) for r in _runs_of(runs, model, size, seeds)]  # type: ignore[arg-type]
+
+
+def weak_teacher_notes(results: Mapping[str, object], config: ExperimentConfig) -> list[str]:
+    """A note for each size at which the teacher is below the student trained alone (mean over seeds).
+
+    HDKD then distils a weaker model than the student reaches alone, and its gain or loss
+    says nothing about distillation: the teacher needs more training (or another recipe).
+    Compared on the selection metric's pair, accuracy and balanced accuracy.
+    """
+    teacher = results["teacher"]  # type: ignore[index]
+    runs = results["runs"]  # type: ignore[index]
+    notes = []
+    for size in map(size_label, config.sizes):
+        for metric in ("accuracy", "balanced_accuracy"):
+            alone = metric_values(runs, STUDENT, size, metric)  # type: ignore[arg-type]
+            mine = 100 * float(teacher[metric])  # type: ignore[index]
+            if alone and statistics.fmean(alone) > mine:
+                notes.append(
+                    f"the teacher ({metric.replace('_', ' ')} {mine:.2f}%) is below the student alone at {size} images per "
+                    f"class ({statistics.fmean(alone):.2f}%): HDKD distils a weaker model than the student reaches alone "
+                    "there, so its result says nothing about distillation; train the teacher longer (--teacher-epochs) "
+                    "or with another recipe")
+    return notes
 
 
 def paired_values(runs: Sequence[dict[str, object]], size: int | str, metric: str) -> tuple[list[int], list[float], list[float]]:

@@ -8,6 +8,7 @@ its best epoch on a validation split carved out of the training set, then is tes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from kdkit import devices
 from kdkit.augment import batch_eval_transforms
 from kdkit.data import ImageTensorDataset, eval_transforms, make_loader, stratified_split_indices
 from kdkit.distiller import LossTerm
+from kdkit.plan import steps_per_process
 from kdkit.train import FitResult, TrainConfig, Trainer, checkpoint_epoch
 
 from .augmentations import batch_hdkd_train_transforms, hdkd_train_transforms
@@ -35,6 +37,7 @@ __all__ = [
     "is_finished",
     "loader",
     "prepare_data",
+    "student_steps",
     "student_train_config",
     "teacher_train_config",
 ]
@@ -145,16 +148,31 @@ def _shared_settings(config: ExperimentConfig, output_dir: Path, seed: int) -> d
     )
 
 
-def teacher_train_config(config: ExperimentConfig, output_dir: Path, num_images: int) -> TrainConfig:
-    """Phase 1's run: the teacher on ``num_images`` training images per epoch, seed 0."""
+def teacher_train_config(config: ExperimentConfig, output_dir: Path, num_images: int, *, at_least_steps: int = 0,
+                         num_processes: int = 1) -> TrainConfig:
+    """Phase 1's run: the teacher on ``num_images`` training images per epoch, seed 0.
+
+    It trains :meth:`~kdkit_zoo.hdkd.config.ExperimentConfig.teacher_epochs_for` epochs, or more
+    where those give fewer than ``at_least_steps`` optimizer steps (the longest student run's):
+    a teacher that trains less than its students is often weaker than the student alone.
+    """
+    epochs = config.teacher_epochs_for(num_images)
+    if at_least_steps:
+        per_epoch = steps_per_process(num_images, config.batch_size, num_processes)
+        epochs = max(epochs, math.ceil(at_least_steps / per_epoch))
     return TrainConfig(
-        epochs=config.teacher_epochs_for(num_images),
+        epochs=epochs,
         opt=config.teacher_opt,
         lr=config.teacher_lr,
         sched=config.teacher_sched,
         weight_decay=config.teacher_weight_decay,
         **_shared_settings(config, output_dir, seed=0),
     )
+
+
+def student_steps(config: ExperimentConfig, num_images: int, num_processes: int = 1) -> int:
+    """Optimizer steps of a phase-2 run on ``num_images`` training images, on each process."""
+    return config.student_epochs_for(num_images) * steps_per_process(num_images, config.batch_size, num_processes)
 
 
 def student_train_config(config: ExperimentConfig, output_dir: Path, seed: int, num_images: int) -> TrainConfig:

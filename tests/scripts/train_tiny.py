@@ -84,21 +84,21 @@ class TwoHeads(nn.Module):
 class SlowCE(nn.Module):
     def __init__(self, sleep: float, crash_at: int | None, nan_at: int | None = None) -> None:
         super().__init__()
-        self._sleep = sleep
-        self._crash_at = crash_at  # private: a fault, not an option of the objective (resumes compare those)
-        self._nan_at = nan_at if int(os.environ.get("RANK", "0")) == 0 else None
+        self._slowed_by = sleep
+        self._fault_crash = crash_at  # named apart from its argument: a fault, not an option of the objective
+        self._fault_nan = nan_at if int(os.environ.get("RANK", "0")) == 0 else None
         self.calls = 0
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # val_loss: neither slowed down nor counted as a training step
             return nn.functional.cross_entropy(logits, labels)
         self.calls += 1
-        if self._crash_at is not None and self.calls == self._crash_at:
+        if self._fault_crash is not None and self.calls == self._fault_crash:
             raise SystemExit(3)
-        if self._sleep:
-            time.sleep(self._sleep)
+        if self._slowed_by:
+            time.sleep(self._slowed_by)
         loss = nn.functional.cross_entropy(logits, labels)
-        return loss * float("nan") if self.calls == self._nan_at else loss
+        return loss * float("nan") if self.calls == self._fault_nan else loss
 
 
 def run(output_dir: str | Path, *, epochs: int = 3, resume: bool = False, sleep: float = 0.0,
