@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the subset's and the run's seed (a teacher's weights: 0)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=1, help="epochs between validations (and after the last)")
     student = parser.add_argument_group("student runs")
     student.add_argument("--teacher-run", help="the teacher: a teacher run of this table (its best model)")
     student.add_argument("--arm", choices=("hdkd", "alone"), default="hdkd")
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     train_config = TrainConfig(
         epochs=epochs, opt=args.opt, lr=args.lr, sched=args.sched, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
         weight_decay=args.weight_decay, mixed_precision=devices.resolve_mixed_precision(args.mixed_precision),
-        checkpoint_every=args.checkpoint_every, seed=args.seed, select_metric=select,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed, select_metric=select,
         output_dir=str(args.runs_dir / args.name))
     trainer = Trainer(task, train_config, class_names=classes)
     started = time.perf_counter()
@@ -147,6 +148,8 @@ def _settings_text(row: dict[str, object]) -> str:
         shown.append(f"ls {settings['label_smoothing']:g}")
     if settings.get("warmup_epochs"):
         shown.append(f"warm-up {settings['warmup_epochs']}")
+    if settings.get("eval_every", 1) > 1:
+        shown.append(f"validated every {settings['eval_every']}")
     if row["role"] != "teacher":
         teacher = f", teacher {settings.get('teacher_run')}" if row["role"] == "hdkd" else ""
         shown.insert(0, f"{settings.get('per_class') or 'all'}/class, seed {settings['seed']}{teacher}")

@@ -572,7 +572,7 @@ class Trainer:
         row["lr"] = self._current_lr()
 
         metrics, value = None, None
-        if val_dl is not None:
+        if val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             eval_start = time.perf_counter()
             metrics = self._evaluate(val_dl)
             row["eval_time"] = time.perf_counter() - eval_start
@@ -583,7 +583,10 @@ class Trainer:
             value = float(metrics[cfg.select_metric])
             self.schedule.step_epoch(epoch + 1, value)
             row["lr"] = self._current_lr()
-        improved = self.state.improves(value, cfg.select_mode) if metrics is not None else True  # else: the last is best
+        if metrics is not None:
+            improved = self.state.improves(value, cfg.select_mode)
+        else:  # without validation the last epoch is the best; between validations, none is
+            improved = val_dl is None
         if improved and metrics is not None and not math.isfinite(float(metrics.get("loss", 0.0))):
             # Non-finite logits on some validation image: the accuracy may still look fine, the model is not.
             improved = False

@@ -66,6 +66,9 @@ class TrainConfig:
         seed: Seed of the per-epoch reseeding (shuffling, augmentation, dropout).
         output_dir: Where checkpoints, metrics and the best model go.
         checkpoint_every: Save a resumable checkpoint every this many epochs (and after the last).
+        eval_every: Validate (and so choose the best model among) every this many epochs, and
+            after the last: a short run on a small training set spends most of its time on
+            validation otherwise.
         keep_last: How many resumable checkpoints to keep (``checkpoints/last`` and the previous
             ones as ``checkpoints/epoch_NNNN``).
         log_every: Every this many batches, read the running loss back from the device: refresh
@@ -97,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str | Path = "outputs"
     checkpoint_every: int = 1
+    eval_every: int = 1
     keep_last: int = 1
     log_every: int = 50
     progress: bool = True
@@ -115,7 +119,7 @@ class TrainConfig:
         def is_number(value: object) -> bool:
             return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
-        for name in ("epochs", "grad_accum_steps", "checkpoint_every", "keep_last", "log_every"):
+        for name in ("epochs", "grad_accum_steps", "checkpoint_every", "eval_every", "keep_last", "log_every"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
         if not is_int(self.seed) or self.seed < 0:

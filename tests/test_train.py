@@ -1014,3 +1014,16 @@ def test_non_finite_weights_never_become_the_best_model(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="parameters became non-finite during epoch 2/3; neither the checkpoint nor the best model"):
         trainer.fit(DataLoader(data, batch_size=8))  # no validation: every epoch would be the best
     assert read_metadata(tmp_path / "best_model.safetensors")["epoch"] == 1
+
+
+def test_eval_every_validates_at_its_cadence_and_after_the_last_epoch(tmp_path: Path) -> None:
+    train, val = loaders()
+    result = make_trainer(tmp_path, epochs=5, eval_every=2).fit(train, val)
+    validated = [row["epoch"] for row in result.history if "val_accuracy" in row]
+    assert validated == [2, 4, 5] and result.best_epoch in validated
+    assert not any(row["is_best"] for row in result.history if row["epoch"] not in validated)
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["val_accuracy"] != "" for row in rows] == [False, True, False, True, True]
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=0)
