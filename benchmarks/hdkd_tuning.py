@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-lr", type=float, default=0.0)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--ema-decay", type=float, help="validate and keep a weight average of this decay (e.g. 0.999)")
     parser.add_argument("--mixed-precision", default="bf16")
     parser.add_argument("--seed", type=int, default=0, help="the subset's and the run's seed (a teacher's weights: 0)")
     parser.add_argument("--threads", type=int)
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     train_config = TrainConfig(
         epochs=epochs, opt=args.opt, lr=args.lr, sched=args.sched, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
         weight_decay=args.weight_decay, mixed_precision=devices.resolve_mixed_precision(args.mixed_precision),
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed, select_metric=select,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, ema_decay=args.ema_decay, seed=args.seed,
+        select_metric=select,
         output_dir=str(args.runs_dir / args.name))
     trainer = Trainer(task, train_config, class_names=classes)
     started = time.perf_counter()
@@ -148,6 +150,8 @@ def _settings_text(row: dict[str, object]) -> str:
         shown.append(f"ls {settings['label_smoothing']:g}")
     if settings.get("warmup_epochs"):
         shown.append(f"warm-up {settings['warmup_epochs']}")
+    if settings.get("ema_decay"):
+        shown.append(f"EMA {settings['ema_decay']:g}")
     if settings.get("eval_every", 1) > 1:
         shown.append(f"validated every {settings['eval_every']}")
     if row["role"] != "teacher":

@@ -245,6 +245,14 @@ class Trainer:
         if config.compile:
             task.student.compile()  # in place: the state-dict keys keep their names
         self.task, self.optimizer = self.accelerator.prepare(task, build_optimizer(task, config))
+        self.ema: nn.Module | None = None
+        if config.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            # Warmed up (timm's schedule), so that a short run's average is not its initial weights.
+            self.ema = ModelEmaV3(self.student, decay=config.ema_decay, use_warmup=True)
+            self.ema.requires_grad_(False)
+            self.accelerator.register_for_checkpointing(self.ema)  # saved and restored with the checkpoints: exact resume
         self.schedule: LRSchedule | None = None  # built by fit(): it needs the updates per epoch
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.accelerator, config.keep_last)
         self.metrics_log = MetricsLog(self.accelerator, self.output_dir, self.class_names)
@@ -258,6 +266,11 @@ class Trainer:
     def student(self) -> nn.Module:
         """The student, without DDP / compile wrappers."""
         return unwrap_model(unwrap_model(self.task).student)
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What is validated, selected and saved as the best model: the student, or its weight average (``ema_decay``)."""
+        return self.ema.module if self.ema is not None else self.student
 
     @property
     def scheduler(self) -> Any:
@@ -410,7 +423,7 @@ class Trainer:
         logger.warning("overwrite: starting afresh in %s, replacing %s", self.output_dir, existing)
 
     def evaluate(self, loader: Any) -> dict[str, Any]:
-        """Evaluates the student (unwrapped, eval mode) on ``loader``, as it is now.
+        """Evaluates the student (unwrapped, eval mode; its weight average with ``ema_decay``) on ``loader``, as it is now.
 
         Returns:
             ``kdkit.metrics.classification_metrics`` (accuracy, balanced_accuracy, macro_f1,
@@ -433,7 +446,7 @@ class Trainer:
             raise FileNotFoundError(f"no best model to test in {self.output_dir}: {self.best_model_path.name} is written "
                                     "by fit(); train (or resume) the run first")
         load_model(self.student, self.best_model_path, expected_classes=self.class_names)
-        return self.evaluate(loader)
+        return self._evaluate(self._prepare_loader(loader), self.student)  # the best model, the average's with ema_decay
 
     def save_checkpoint(self) -> Path:
         """Writes the full training state to ``output_dir/checkpoints/last``, atomically (see
@@ -493,6 +506,8 @@ class Trainer:
                 if acc.sync_gradients:
                     self.state.global_step += 1
                     self.schedule.step_update(self.state.global_step)
+                    if self.ema is not None:
+                        self.ema.update(self.student, step=self.state.global_step)
                 bar.update(1)
                 if (index + 1) % cfg.log_every == 0 and index + 1 < batches:  # the epoch end reads below
                     self._read_losses(tracker, epoch, batches, bar)
@@ -623,18 +638,18 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, loader: Any) -> dict[str, Any]:
+    def _evaluate(self, loader: Any, model: nn.Module | None = None) -> dict[str, Any]:
         batches = (self._model_input(batch, self.eval_transform, "evaluation") for batch in loader)
         task = unwrap_model(self.task)
         loss = getattr(task, "validation_loss", None)  # the task's, else cross-entropy
-        return evaluate_classifier(self.student, batches, self.accelerator, loss=loss, class_names=self.class_names,
+        return evaluate_classifier(model or self.evaluated_model, batches, self.accelerator, loss=loss, class_names=self.class_names,
                                    logits_fn=getattr(task, "student_logits", None))
 
     # ------------------------------------------------------------------ files
     def _save_best_model(self, epoch: int) -> None:
         acc, cfg = self.accelerator, self.config
         if acc.is_main_process:
-            student = self.student
+            student = self.evaluated_model
             meta: dict[str, Any] = {}
             if self.class_names is not None:
                 meta["classes"] = self.class_names

@@ -52,6 +52,9 @@ class TrainConfig:
         min_lr: Lower bound of the decaying schedules.
         grad_accum_steps: Batches per optimizer update.
         clip_grad_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
+        ema_decay: Keep an exponential moving average of the student's weights with this decay
+            (timm's ``ModelEmaV3``, warmed up over the first steps), and validate, select and
+            save it instead of the raw weights; ``None`` (default) keeps none.
         mixed_precision: ``"no"``, ``"bf16"`` (works on CPU) or ``"fp16"``; ``None`` (the default)
             keeps Accelerate's own setting (``accelerate launch --mixed_precision``, ``accelerate
             config``, else no mixed precision). Ignored when an ``Accelerator`` is passed to the
@@ -92,6 +95,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_accum_steps: int = 1
     clip_grad_norm: float | None = None
+    ema_decay: float | None = None
     mixed_precision: str | None = None
     channels_last: bool = False
     allow_tf32: bool = True
@@ -133,6 +137,8 @@ class TrainConfig:
                 fail(name, "a number >= 0")
         if self.clip_grad_norm is not None and (not is_number(self.clip_grad_norm) or self.clip_grad_norm <= 0):
             fail("clip_grad_norm", "None or a positive number")
+        if self.ema_decay is not None and (not is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
+            fail("ema_decay", "None or a number between 0 and 1 (e.g. 0.999)")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", f"one of {MIXED_PRECISION}")
         if not isinstance(self.sched, str) or self.sched.lower() not in SCHEDULERS:

@@ -236,9 +236,12 @@ def test_supervised_two_heads_uses_their_mean() -> None:
 # --------------------------------------------------------------------------- resume
 @pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
 @pytest.mark.parametrize(("sched", "loader"), [("cosine", "plain"), ("onecycle", "plain"), ("plateau", "plain"),
-                                               ("cosine", "generator"), ("cosine", "workers"), ("cosine", "make_loader")])
+                                               ("cosine", "generator"), ("cosine", "workers"), ("cosine", "make_loader"),
+                                               ("cosine", "ema")])
 def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path, sched: str, loader: str) -> None:
     overrides = dict(sched=sched, grad_accum_steps=2, clip_grad_norm=1.0)
+    if loader == "ema":  # the weight average is part of the state a checkpoint restores
+        overrides["ema_decay"] = 0.9
     train, val = loaders()
     if loader == "generator":  # the loader's own generator: its state is in no checkpoint, reseeding must fix it
         train = DataLoader(train.dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
@@ -1027,3 +1030,23 @@ def test_eval_every_validates_at_its_cadence_and_after_the_last_epoch(tmp_path: 
     assert [row["val_accuracy"] != "" for row in rows] == [False, True, False, True, True]
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(eval_every=0)
+
+
+def test_ema_is_validated_selected_and_saved_instead_of_the_raw_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    train, val = loaders()
+    trainer = make_trainer(tmp_path, epochs=3, ema_decay=0.9)
+    result = trainer.fit(train, val)
+    average = {k: v for k, v in trainer.ema.module.state_dict().items()}
+    raw = trainer.student.state_dict()
+    assert any(not torch.equal(average[k], raw[k]) for k in raw if raw[k].is_floating_point())  # an average, not a copy
+    assert result.history[-1]["val_loss"] == pytest.approx(trainer.evaluate(val)["loss"])  # validation saw the average
+    best = load_file(tmp_path / "best_model.safetensors")
+    if result.best_epoch == 3:
+        assert all(torch.equal(best[k], average[k].cpu()) for k in best)
+    metrics = trainer.test(val)  # the best average, loaded into the student
+    assert all(torch.equal(trainer.student.state_dict()[k].cpu(), best[k]) for k in best)
+    assert metrics["loss"] == pytest.approx(result.history[result.best_epoch - 1]["val_loss"])
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
