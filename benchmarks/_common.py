@@ -52,11 +52,26 @@ def cpu_model() -> str:
 
 
 def _relative(arg: str) -> str:
-    """A path inside the working directory as typed from it (records name no machine's folders)."""
+    """A path inside the working directory as typed from it, one under the home directory as
+    ``~/...`` (records name no machine's folders)."""
     path = Path(arg)
     if path.is_absolute() and path.is_relative_to(Path.cwd()):
         return str(path.relative_to(Path.cwd()))
+    home = str(Path.home())
+    if home not in ("", "/"):  # also inside --flag=PATH
+        arg = "~" if arg == home else arg.replace(f"={home}/", "=~/")
+        if arg.startswith(f"{home}/"):
+            arg = "~/" + arg[len(home) + 1:]
     return arg
+
+
+def _quoted(arg: str) -> str:
+    """``shlex.quote``, except that a ``~/`` the shell should expand stays outside the quotes."""
+    for prefix in ("~/", "=~/"):
+        head, sep, rest = arg.partition(prefix)
+        if sep and (prefix == "=~/" or not head):
+            return f"{shlex.quote(head) if head else ''}{sep}{shlex.quote(rest) if rest else ''}"
+    return shlex.quote(arg)
 
 
 SPEED_ENV_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD")
@@ -102,7 +117,7 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, object]:
     # Variables that change the speed of the same command (the allocator, the thread pools).
     settings = [f"{name}={value}" for name, value in sorted(environ.items()) if name.startswith(SPEED_ENV_PREFIXES)]
     return {
-        "command": shlex.join(settings + argv),
+        "command": " ".join(_quoted(arg) for arg in settings + argv),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),

@@ -395,3 +395,10 @@ def test_tuning_runs_a_teacher_and_both_students_and_keeps_one_row_per_run(tmp_p
     assert "| t | teacher | adamw onecycle lr 0.003, batch 8, 2 ep, ls 0.1 |" in markdown
     assert "| s_hdkd | hdkd | 4/class, seed 0, teacher t, adamw cosine" in markdown and "## Commands" in markdown
     assert "| s_alone | alone | 4/class, seed 0, adamw cosine" in markdown
+
+
+def test_recorded_commands_name_home_paths_from_the_home_directory(no_speed_settings):
+    command = run_metadata([".venv/bin/python", "benchmarks/hdkd_tuning.py", "--runs-dir", str(Path.home() / "runs" / "t"),
+                            f"--record-dir={Path.home() / 'records'}", "--note", "it's"])["command"]
+    assert str(Path.home()) + "/" not in command and "--runs-dir ~/runs/t" in command and "--record-dir=~/records" in command
+    assert shlex.split(command)[-1] == "it's"  # the rest stays quoted as the shell needs
