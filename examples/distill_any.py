@@ -29,7 +29,14 @@ from accelerate.utils import set_seed
 
 import kdkit
 from kdkit import data as kdata
-from kdkit.plan import PlanError, PlannedModel, check_distillation, check_fresh_starts
+from kdkit.plan import (
+    CLI_FLAGS,
+    PlanError,
+    PlannedModel,
+    check_distillation,
+    check_fresh_starts,
+    resume_overwrite_conflict,
+)
 from kdkit.run_lock import main_decides
 from kdkit.train import RunExistsError, distributed_without_accelerator
 from kdkit_zoo.hdkd.augmentations import hdkd_train_transforms
@@ -43,9 +50,7 @@ FLAGS = {
     "val_fraction": "--val-fraction",
     "losses": "--losses",
     "taps": "--teacher-taps/--student-taps",
-    "resume": "--resume",
-    "overwrite": "--overwrite",
-    "output_dir": "--output-dir",
+    **CLI_FLAGS,
 }
 
 # The models of the plan check have this many classes before the data is decoded: the class
@@ -133,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the runs in --output-dir and --overwrite replaces them: pass one of them, not both")
+    if (conflict := resume_overwrite_conflict(args.resume, args.overwrite, CLI_FLAGS)) is not None:
+        parser.error(conflict)
     if args.student_taps and not args.teacher_taps:
         parser.error("--student-taps needs --teacher-taps: the teacher's modules they are compared with")
     taps = None

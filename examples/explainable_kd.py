@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 from kdkit import Distiller, LossTerm, Supervised, TrainConfig, Trainer
 from kdkit import data as kdata
 from kdkit.checkpoint import atomic_write_text
+from kdkit.plan import CLI_FLAGS, resume_overwrite_conflict
 from kdkit.explain import ACTIVATION_METHOD, agreement_by_class, compare_maps, feature_stage
 from kdkit.plots import plot_activation_grid
 from kdkit.train import distributed_without_accelerator
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the runs in --output-dir and --overwrite replaces them: pass one of them, not both")
+    if (conflict := resume_overwrite_conflict(args.resume, args.overwrite, CLI_FLAGS)) is not None:
+        parser.error(conflict)
     teacher_names = [name.strip() for name in args.teachers.split(",") if name.strip()]
     if not teacher_names:
         parser.error("--teachers names no model")

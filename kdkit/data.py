@@ -68,7 +68,7 @@ _SPLIT_FOLDER_ALIASES = {
 # caches of version 1 whose files all decode as before are renamed, not decoded again
 # (_cache_file).
 _CACHE_FORMAT_VERSION = 2
-# Temporary files of decoded-image caches (those of atomic_write and ours): cleaned at each use.
+# Temporary files of decoded-image caches (atomic_write's): cleaned at each use.
 _CACHE_TEMPORARIES = ".*.pt.*.tmp"
 
 
@@ -377,10 +377,8 @@ def _decodes_differently(path: Path) -> bool:
     """Whether ``path`` holds an image of more than 8 bits, which version 1 of the cache decoded
     wrongly; False for 8-bit images and for files that cannot be opened (unchanged either way)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return _wide_kind(image) is not None
+        with _open_image(path, warn=False) as image:
+            return _wide_kind(image) is not None
     except Exception:  # whatever PIL cannot open fails to decode now as it did then
         return False
 

@@ -51,6 +51,7 @@ from .taps import TapSpec
 from .tasks import Supervised
 
 __all__ = [
+    "CLI_FLAGS",
     "PlanError",
     "PlannedModel",
     "PlannedTraining",
@@ -59,6 +60,7 @@ __all__ = [
     "check_fresh_starts",
     "check_plan",
     "probe_model",
+    "resume_overwrite_conflict",
     "steps_per_process",
 ]
 
@@ -444,6 +446,20 @@ def _raise_if(problems: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- fresh starts
 
 
+CLI_FLAGS = {"resume": "--resume", "overwrite": "--overwrite", "output_dir": "--output-dir"}
+"""The command-line flags of the settings :func:`resume_overwrite_conflict` and :func:`check_fresh_starts` name."""
+
+
+def resume_overwrite_conflict(resume: bool, overwrite: bool, names: Mapping[str, str] | None = None) -> str | None:
+    """What is wrong with asking for both ``resume`` and ``overwrite`` (one continues the runs, the
+    other replaces them), in words naming the settings by ``names``; ``None`` when not both."""
+    if not (resume and overwrite):
+        return None
+    name = _namer(names)
+    return (f"{name('resume')} continues the runs in {name('output_dir')} and {name('overwrite')} replaces them: "
+            "pass one of them, not both")
+
+
 def check_fresh_starts(
     folders: Mapping[str, str | os.PathLike[str]], *, resume: bool, overwrite: bool, names: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
@@ -470,9 +486,7 @@ def check_fresh_starts(
             ``overwrite`` was given; the message names each with what it holds.
     """
     name = _namer(names)
-    if resume and overwrite:
-        message = (f"{name('resume')} continues the runs in their folders and {name('overwrite')} replaces them: "
-                   "pass one of them, not both")
+    if (message := resume_overwrite_conflict(resume, overwrite, names)) is not None:
         raise PlanError(message, [message])
     if resume:
         return {}

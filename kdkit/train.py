@@ -63,8 +63,8 @@ from .checkpoint_manager import (
 from .evaluation import evaluate_classifier
 from .fingerprint import run_fingerprint
 from .loss_tracker import LossReading, LossTracker, NonFiniteBatch
-from .outputs import check_labels
 from .metrics_log import MetricsLog, scalar_metrics
+from .outputs import check_labels
 from .run_lock import RunLock, RunLockedError, main_decides
 from .schedulers import LRSchedule
 from .tasks import Supervised
@@ -381,12 +381,11 @@ class Trainer:
 
     def _check_data(self, train_loader: Any) -> None:
         """Refuses, before training, labels outside the classes and a training batch of one image under batch norm."""
-        classes = len(self.class_names) if self.class_names is not None else None
+        self._num_outputs = len(self.class_names) if self.class_names is not None else None
         outputs = getattr(self.student, "num_classes", None)
-        if classes is not None and isinstance(outputs, int) and outputs > 0 and classes != outputs:
-            raise ValueError(f"{classes} class_names ({self.class_names}) for a student with {outputs} outputs")
-        limit = classes or (outputs if isinstance(outputs, int) and outputs > 0 else None)
-        self._num_outputs = limit
+        if isinstance(outputs, int) and outputs > 0:
+            self._check_outputs(outputs)  # a student that declares its outputs: before the first batch
+        limit = self._num_outputs
         for name, record in (self._fingerprint or {}).get("data", {}).items():
             label_range = record.get("label_range")
             if limit is not None and label_range is not None and (label_range[0] < 0 or label_range[1] >= limit):
@@ -495,7 +494,7 @@ class Trainer:
                 with acc.accumulate(self.task):
                     out = self._training_step(images, labels, epoch, index, batches)
                     if first:
-                        self._check_outputs(out.logits)
+                        self._check_outputs(int(out.logits.shape[-1]))
                     acc.backward(out.loss)
                     if acc.sync_gradients and cfg.clip_grad_norm is not None:
                         acc.clip_grad_norm_(self.task.parameters(), cfg.clip_grad_norm)
@@ -556,9 +555,8 @@ class Trainer:
             f"{self._num_outputs} classes (0..{self._num_outputs - 1}); a label of -100 would be ignored by the "
             "cross-entropy without a word. Training stopped.")
 
-    def _check_outputs(self, logits: Tensor) -> None:
-        """The class names must name every output of the student, no more and no fewer."""
-        outputs = int(logits.shape[-1])
+    def _check_outputs(self, outputs: int) -> None:
+        """The class names must name every one of the student's ``outputs``, no more and no fewer."""
         if self.class_names is not None and len(self.class_names) != outputs:
             raise ValueError(f"{len(self.class_names)} class_names ({self.class_names}) for a student with {outputs} outputs")
         self._num_outputs = outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,19 @@ def fit_calls(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(Trainer, "fit", fit)
     return calls
+
+
+def colour_class_folders(root: Path, classes: Sequence[str], *, per_class: int, size: int) -> Path:
+    """``root/<class>/<class>_NN.png``: small seeded images, each class its own colour (learnable, and distinct)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for item in range(per_class):
+            pixels = generator.integers(0, 80, (size, size, 3), dtype=np.uint8)
+            pixels[..., index] += 150
+            Image.fromarray(pixels).save(folder / f"{name}_{item:02d}.png")
+    return root

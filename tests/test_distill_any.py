@@ -7,10 +7,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import colour_class_folders
 from safetensors.torch import load_file
 
 import kdkit
@@ -33,14 +32,7 @@ def distill_any(monkeypatch, tmp_path):
 
 def _image_folder(root: Path, per_class: int = 6, size: int = 16) -> Path:
     """``train/<class>/*.png``: two classes of small images, each its own colour."""
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(("cats", "dogs")):
-        folder = root / "train" / name
-        folder.mkdir(parents=True)
-        for item in range(per_class):
-            pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-            pixels[..., index] += 150
-            Image.fromarray(pixels).save(folder / f"{item}.png")
+    colour_class_folders(root / "train", ("cats", "dogs"), per_class=per_class, size=size)
     return root
 
 

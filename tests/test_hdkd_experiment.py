@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import requires_real_data
+from conftest import colour_class_folders, requires_real_data
 
 from kdkit.data import ImageTensorDataset
 from kdkit.plan import PlanError
@@ -331,18 +331,7 @@ def test_no_import_cycle_between_kdkit_and_the_zoo():
 # --------------------------------------------------------------------------- your own data set
 def _class_folders(root, classes=("alpha", "beta", "gamma"), per_class=15, size=24):
     """Class folders of small PNGs, each class its own colour (learnable, and distinct)."""
-    import numpy as np
-    from PIL import Image
-
-    generator = np.random.default_rng(0)
-    for index, name in enumerate(classes):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for item in range(per_class):
-            pixels = generator.integers(0, 80, (size, size, 3), dtype=np.uint8)
-            pixels[..., index] += 150
-            Image.fromarray(pixels).save(folder / f"{name}_{item:02d}.png")
-    return root
+    return colour_class_folders(root, classes, per_class=per_class, size=size)
 
 
 def test_select_metric_follows_the_class_balance_and_sizes_are_capped_with_a_note():
@@ -393,6 +382,17 @@ def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
     assert (tmp_path / "run" / "activation_maps.png").is_file()
 
 
+def _launch_experiment(data: Path, output: Path, *, size: int) -> dict:
+    """``accelerate launch examples/hdkd_experiment.py --data DATA`` at one size and seed, tiny; its ``results.json``."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "examples/hdkd_experiment.py", "--data", str(data), "--output-dir", str(output),
+               "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", str(size), "--seeds", "0",
+               "--batch-size", "8", "--preset", "cpu", "--threads", "2"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((output / "results.json").read_text())
+
+
 @pytest.mark.slow
 @requires_real_data("brain_tumor_mri")
 def test_the_experiment_on_a_csv_with_groups_through_accelerate_launch(tmp_path):
@@ -414,13 +414,7 @@ def test_the_experiment_on_a_csv_with_groups_through_accelerate_launch(tmp_path)
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "group"])
         writer.writeheader()
         writer.writerows(rows)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "examples/hdkd_experiment.py", "--data", str(tmp_path / "labels.csv"), "--output-dir", str(tmp_path / "run"),
-               "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "5", "--seeds", "0",
-               "--batch-size", "8", "--preset", "cpu", "--threads", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = _launch_experiment(tmp_path / "labels.csv", tmp_path / "run", size=5)
     assert results["config"]["classes"] == ["calm", "mass", "spot"]
     assert {run["model"] for run in results["runs"]} == {"student", "HDKD"}
     record = results["data"]
@@ -481,13 +475,7 @@ def test_the_experiment_on_split_folders_of_real_images_through_accelerate_launc
             target.mkdir(parents=True)
             for image in sorted((source / split / folder).iterdir())[:count]:
                 shutil.copy(image, target / image.name)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               "examples/hdkd_experiment.py", "--data", str(tmp_path / "scans"), "--output-dir", str(tmp_path / "run"),
-               "--image-size", "32", "--teacher-epochs", "1", "--student-epochs", "1", "--sizes", "4", "--seeds", "0",
-               "--batch-size", "8", "--preset", "cpu", "--threads", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = _launch_experiment(tmp_path / "scans", tmp_path / "run", size=4)
     assert results["config"]["classes"] == ["calm", "mass", "spot"]
     assert [(run["model"], run["num_train"]) for run in results["runs"]] == [("student", 12), ("HDKD", 12)]
     splits = results["data"]["splits"]

@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 
 from kdkit import devices
+from kdkit.plan import CLI_FLAGS, resume_overwrite_conflict
 from kdkit.train import distributed_without_accelerator
 
 from .config import PRESETS, ExperimentConfig
@@ -236,8 +237,8 @@ def main(dataset: str | None = None, argv: Sequence[str] | None = None) -> dict[
     configure_logging()
     parser = build_parser(dataset)
     args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the runs in --output-dir and --overwrite replaces them: pass one of them, not both")
+    if (conflict := resume_overwrite_conflict(args.resume, args.overwrite, CLI_FLAGS)) is not None:
+        parser.error(conflict)
     set_cpu_threads(args.threads)
     config = config_from_args(dataset, args)
     results = run_experiment(config)
