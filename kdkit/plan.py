@@ -90,11 +90,13 @@ class PlannedTraining:
         name: How the run is named in messages and output folders (e.g. ``"hdkd_50_seed0"``).
         num_images: Training images per epoch (after subsetting and oversampling).
         grad_accum_steps: Batches per optimizer update.
+        batch_size: The run's global batch, where it differs from the plan's.
     """
 
     name: str
     num_images: int
     grad_accum_steps: int = 1
+    batch_size: int | None = None
 
 
 def steps_per_process(num_images: int, batch_size: int, num_processes: int, grad_accum_steps: int = 1) -> int:
@@ -131,24 +133,26 @@ def check_plan(runs: Sequence[PlannedTraining], *, batch_size: int, num_processe
         PlanError: The batch size does not divide by the process count, or some runs cannot
             train; the message names every such run with its size and the process count.
     """
-    try:
-        kdata.per_process_batch_size(batch_size, num_processes)
-    except ValueError as error:
-        raise PlanError(f"the plan cannot run: {error}", [str(error)]) from None
+    for batch in sorted({batch_size, *(run.batch_size for run in runs if run.batch_size is not None)}):
+        try:
+            kdata.per_process_batch_size(batch, num_processes)
+        except ValueError as error:
+            raise PlanError(f"the plan cannot run: {error}", [str(error)]) from None
     steps: dict[str, int] = {}
     problems: list[str] = []
     for run in runs:
+        run_batch = run.batch_size or batch_size
         if run.num_images < max(1, num_processes):
             problems.append(
                 f"run {run.name!r} has {run.num_images} training image(s) for {num_processes} process(es): "
                 "each process needs at least one image of its own"
             )
             continue
-        steps[run.name] = steps_per_process(run.num_images, batch_size, num_processes, run.grad_accum_steps)
+        steps[run.name] = steps_per_process(run.num_images, run_batch, num_processes, run.grad_accum_steps)
         if steps[run.name] < 1:
             problems.append(
                 f"run {run.name!r} ({run.num_images} training images) gives no optimizer update per process "
-                f"at a global batch of {batch_size} on {num_processes} process(es)"
+                f"at a global batch of {run_batch} on {num_processes} process(es)"
             )
     if problems:
         raise PlanError(
@@ -239,7 +243,8 @@ def _training_step(task: nn.Module, images: Tensor, labels: Tensor) -> None:
 
 
 def _probe(
-    model: PlannedModel, image_size: int, batch_size: int, train: bool, name: Callable[[str], str]
+    model: PlannedModel, image_size: int, batch_size: int, train: bool, name: Callable[[str], str],
+    batch_setting: str = "batch_size",
 ) -> tuple[nn.Module | None, str | None]:
     """``(the meta model or None, the problem or None)``: :func:`probe_model` without raising."""
     size = f"{image_size} x {image_size}"
@@ -260,7 +265,7 @@ def _probe(
         step = f"in a training step of {len(images)} image(s)" if train else "in evaluation"
         advice = f"choose a model without a fixed input size, or another {name('image_size')}"
         if train and len(images) == 1:
-            advice += f", or a larger {name('batch_size')} (batch norm needs two images)"
+            advice += f", or a larger {name(batch_setting)} (batch norm needs two images)"
         return built, f"{model.role} {model.name!r} cannot take {size} images ({_describe(error)}) {step}; {advice}"
     return built, None
 
@@ -296,9 +301,10 @@ def probe_model(
 
 def _setting_problems(
     name: Callable[[str], str], *, image_size: object, batch_size: object, epochs: object, teacher_epochs: object,
-    val_fraction: object,
+    val_fraction: object, teacher_batch_size: object = None,
 ) -> list[str]:
-    counts = {"image_size": image_size, "batch_size": batch_size, "epochs": epochs, "teacher_epochs": teacher_epochs}
+    counts = {"image_size": image_size, "batch_size": batch_size, "teacher_batch_size": teacher_batch_size, "epochs": epochs,
+              "teacher_epochs": teacher_epochs}
     problems = [
         f"{name(setting)} must be a whole number of at least 1, got {value!r}"
         for setting, value in counts.items() if value is not None and not _is_count(value)
@@ -347,6 +353,7 @@ def check_distillation(
     losses: Mapping[str, float] | Sequence[LossTerm] | None = None,
     taps: TapSpec | None = None,
     batch_size: int = PROBE_BATCH,
+    teacher_batch_size: int | None = None,
     epochs: int | None = None,
     teacher_epochs: int | None = None,
     trained_alone: Sequence[PlannedModel] = (),
@@ -371,6 +378,8 @@ def check_distillation(
             ``None``: its default. Every name must be registered and every weight at least 0.
         taps: The Distiller's ``taps``; needed by a feature loss, and only with one.
         batch_size: The batch each process trains on (at most :data:`PROBE_BATCH` are probed).
+        teacher_batch_size: The batch each process trains the teachers on, where it differs
+            from ``batch_size`` (messages name it as ``teacher_batch_size``).
         epochs: The student's epochs, at least 1 (``None``: not checked).
         teacher_epochs: The teachers' epochs when they train here, at least 1; ``None``: they
             come trained (from a checkpoint) and only run in evaluation.
@@ -392,12 +401,13 @@ def check_distillation(
     name = _namer(names)
     teachers = [teacher] if isinstance(teacher, PlannedModel) else list(teacher)
     problems = _setting_problems(name, image_size=image_size, batch_size=batch_size, epochs=epochs,
-                                 teacher_epochs=teacher_epochs, val_fraction=val_fraction)
+                                 teacher_epochs=teacher_epochs, val_fraction=val_fraction, teacher_batch_size=teacher_batch_size)
     terms, loss_problems = _loss_terms(losses, taps, name)
     problems += loss_problems
-    if not (_is_count(image_size) and _is_count(batch_size)):  # no batch to probe with
+    teacher_batch, teacher_setting = (batch_size, "batch_size") if teacher_batch_size is None else (teacher_batch_size, "teacher_batch_size")
+    if not (_is_count(image_size) and _is_count(batch_size) and _is_count(teacher_batch)):  # no batch to probe with
         _raise_if(problems)
-    built_teachers = [_probe(model, image_size, batch_size, teacher_epochs is not None, name) for model in teachers]
+    built_teachers = [_probe(model, image_size, teacher_batch, teacher_epochs is not None, name, teacher_setting) for model in teachers]
     built_student = _probe(student, image_size, batch_size, True, name)
     built_alone = [_probe(model, image_size, batch_size, True, name) for model in trained_alone]
     model_problems = [problem for _, problem in (*built_teachers, built_student, *built_alone) if problem is not None]

@@ -16,7 +16,7 @@ import torch
 from conftest import colour_class_folders, requires_real_data
 
 from kdkit.data import ImageTensorDataset
-from kdkit.plan import PlanError
+from kdkit.plan import PlanError, PlannedTraining, check_plan
 from kdkit.train import ResumeError
 from kdkit_zoo.hdkd import experiment
 from kdkit_zoo.hdkd.claims import RunClaims
@@ -25,7 +25,7 @@ from kdkit_zoo.hdkd.config import PRESETS, STUDENT, ExperimentConfig
 from kdkit_zoo.hdkd.report import summary_cell
 from kdkit_zoo.hdkd.run_plan import check_models, figure_tap
 from kdkit_zoo.hdkd.settings import EXPERIMENT_FILE, check_same_settings, defining_settings
-from kdkit_zoo.hdkd.training import student_train_config, teacher_train_config
+from kdkit_zoo.hdkd.training import student_steps, student_train_config, teacher_train_config
 
 
 def test_flags_reach_the_config():
@@ -44,23 +44,40 @@ def test_flags_reach_the_config():
         assert config_from_args("ham10000", build_parser("ham10000").parse_args([flag])).channels_last is value
 
 
-def test_image_budgets_shorten_only_large_sets():
+def test_step_budgets_follow_the_data():
     config = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--preset", "cpu"]))
-    assert config.student_image_budget == 18_000
-    assert [config.student_epochs_for(n) for n in (200, 600, 5137, 10**6)] == [30, 30, 4, 1]
-    # The teacher: the Brain Tumor MRI pool keeps its 8 epochs, the SMOTE-balanced HAM10000 pool gets 2.
-    assert [config.teacher_epochs_for(n) for n in (5137, 38_720)] == [8, 2]
-    uncapped = build_parser("brain_tumor_mri").parse_args(
-        ["--preset", "cpu", "--student-image-budget", "none", "--teacher-image-budget", "none"]
+    steps, batch = config.student_steps, config.student_batch
+    assert (steps, batch) == (1800, 16)
+    for num_images in (200, 400, 600, 1000, 5137):
+        epochs, per_epoch = config.student_epochs_for(num_images), num_images // batch  # the last partial batch is dropped
+        # the fewest whole epochs that reach the steps, and at least student_epochs
+        assert epochs >= config.student_epochs and epochs * per_epoch >= steps
+        assert epochs == config.student_epochs or (epochs - 1) * per_epoch < steps
+    assert [config.student_epochs_for(n) for n in (200, 400, 600, 5137)] == [150, 72, 49, 10]
+    # The teacher at the global batch: Brain Tumor MRI's pool (5,137), a set of 1,000, the SMOTE-balanced HAM10000 pool.
+    assert [config.teacher_epochs_for(n) for n in (5137, 1000, 38_720)] == [19, 97, 3]
+    # Two processes share the global batch: the same steps, the same epochs.
+    assert config.student_epochs_for(400, num_processes=2) == 72
+    plain = build_parser("brain_tumor_mri").parse_args(
+        ["--preset", "cpu", "--student-steps", "none", "--teacher-steps", "none", "--student-batch-size", "none"]
     )
-    uncapped_config = config_from_args("brain_tumor_mri", uncapped)
-    assert uncapped_config.student_epochs_for(5137) == 30 and uncapped_config.teacher_epochs_for(38_720) == 8
+    plain_config = config_from_args("brain_tumor_mri", plain)
+    assert plain_config.student_epochs_for(200) == 10 and plain_config.teacher_epochs_for(38_720) == 2
+    assert plain_config.student_batch == plain_config.batch_size == 32
+    given = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--student-steps", "120", "--student-batch-size", "8"]))
+    assert (given.student_steps, given.student_batch, given.student_epochs_for(200)) == (120, 8, 10)
+    # epochs given alone are the runs' length (a quick trial), with steps the floor under them
+    epochs_only = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--teacher-epochs", "1", "--student-epochs", "2"]))
+    assert (epochs_only.teacher_epochs_for(5137), epochs_only.student_epochs_for(200)) == (1, 2)
+    both = config_from_args("brain_tumor_mri", build_parser("brain_tumor_mri").parse_args(["--student-epochs", "2", "--student-steps", "100"]))
+    assert (both.student_epochs_for(200), both.student_epochs_for(5137), both.teacher_steps) == (9, 2, 3000)
     paper = config_from_args("ham10000", build_parser("ham10000").parse_args(["--preset", "paper"]))
-    assert paper.teacher_epochs_for(38_720) == 200
-    with pytest.raises(ValueError, match="student_image_budget"):
-        ExperimentConfig(student_image_budget=0)
-    with pytest.raises(ValueError, match="teacher_image_budget"):
-        ExperimentConfig(teacher_image_budget=-5)
+    assert (paper.teacher_epochs_for(38_720), paper.student_epochs_for(200), paper.student_batch) == (200, 200, 32)
+    for name, value in (("student_steps", 0), ("teacher_steps", -5), ("student_batch_size", 0), ("validations_per_run", 2.5)):
+        with pytest.raises(ValueError, match=rf"{name} must be a whole number of at least 1 or None \(--{name.replace('_', '-')}\)"):
+            ExperimentConfig(**{name: value})
+    with pytest.raises(SystemExit):
+        build_parser("brain_tumor_mri").parse_args(["--student-steps", "0"])
     with pytest.raises(ValueError, match=r"unknown timm baseline model\(s\) \['mobilenet_v9'\]"):
         ExperimentConfig(baselines=["mobilenet_v9", "resnet10t"])
     with pytest.raises(ValueError, match="finished_only .* needs resume=True"):
@@ -77,12 +94,25 @@ def test_image_budgets_shorten_only_large_sets():
         ExperimentConfig(sizes=[50, None, None])
 
 
-def test_a_run_cut_to_one_epoch_has_no_warm_up(tmp_path):
-    config = ExperimentConfig(student_epochs=30, student_warmup_epochs=2, student_image_budget=18_000)
-    warmups = {n: student_train_config(config, tmp_path, seed=0, num_images=n) for n in (200, 5137, 10**6)}
-    assert [(c.epochs, c.warmup_epochs) for c in warmups.values()] == [(30, 2), (4, 1), (1, 0)]
-    # as does a one-epoch experiment beside the preset's two warm-up epochs (--student-epochs 1)
-    assert student_train_config(ExperimentConfig(student_epochs=1), tmp_path, seed=0, num_images=200).warmup_epochs == 0
+def test_a_lengthened_run_keeps_the_warm_ups_share_and_validates_as_often(tmp_path):
+    config = ExperimentConfig(student_epochs=10, student_warmup_epochs=1, student_steps=1800, student_batch_size=16, validations_per_run=30)
+    runs = {n: student_train_config(config, tmp_path, seed=0, num_images=n) for n in (200, 400, 5137)}
+    assert [(c.epochs, c.warmup_epochs, c.eval_every) for c in runs.values()] == [(150, 15, 5), (72, 7, 3), (10, 1, 1)]
+    # a one-epoch experiment beside a warm-up has none (--student-epochs 1), and validation every epoch without a count
+    one = student_train_config(ExperimentConfig(student_epochs=1, student_steps=None, validations_per_run=None), tmp_path, 0, 200)
+    assert (one.epochs, one.warmup_epochs, one.eval_every) == (1, 0, 1)
+    teacher = teacher_train_config(config, tmp_path, num_images=5137)
+    assert (teacher.epochs, teacher.eval_every) == (19, 1)
+
+
+def test_student_runs_step_at_the_student_batch(tmp_path):
+    config = ExperimentConfig(teacher_steps=None, student_epochs=2, student_steps=None, student_batch_size=8)
+    assert student_steps(config, 100) == 2 * (100 // 8)
+    assert student_steps(config, 100, num_processes=2) == 2 * (50 // 4)
+    # the teacher never trains fewer steps than the longest student run, whatever their batches
+    assert teacher_train_config(config, tmp_path, num_images=100, at_least_steps=student_steps(config, 100)).epochs == 8
+    with pytest.raises(PlanError, match="global batch size 8 does not divide evenly across 3 processes"):
+        check_plan([PlannedTraining("student_50_seed0", 200, batch_size=8)], batch_size=12, num_processes=3)
 
 
 def test_summary_cells_say_how_many_seeds_when_runs_are_missing():
@@ -176,8 +206,8 @@ def test_a_resume_must_keep_the_experiments_settings(tmp_path):
 
 def _tiny_experiment(tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path), image_size=32, teacher_epochs=1, student_epochs=1, sizes=[4], seeds=[0],
-        batch_size=8, teacher_per_class=8, mixed_precision="no", channels_last=False, resume=True,
+        output_dir=str(tmp_path), image_size=32, teacher_epochs=1, teacher_steps=None, student_epochs=1, student_steps=None,
+        sizes=[4], seeds=[0], batch_size=8, teacher_per_class=8, mixed_precision="no", channels_last=False, resume=True,
     )  # fmt: skip
     return ExperimentConfig(**{**settings, **overrides})
 
@@ -238,20 +268,23 @@ def test_the_experiment_checks_its_plan_for_every_process_before_training(tmp_pa
 
 # --------------------------------------------------------------------------- one table of defaults
 
-# The presets as they were when the experiment moved from the kdkit package to the zoo, plus the
-# students' optimizer and schedule, hard-coded there: a changed value changes every result.
+# The presets as the tuning of benchmarks/results/hdkd_tuning_*.md chose them (the paper's as
+# the paper has them): a changed value changes every result.
 PINNED_PRESETS = {
     "cpu": dict(
-        image_size=64, batch_size=32, teacher_epochs=8, teacher_image_budget=45_000, student_epochs=30, sizes=[50, 100, 150],
-        seeds=[0], mixed_precision="bf16", channels_last=False, checkpoint_every=2, teacher_opt="adamw", teacher_lr=3e-3,
-        teacher_sched="onecycle", teacher_weight_decay=0.05, student_opt="adamw", student_lr=1e-3, student_sched="cosine",
-        student_min_lr=1e-4, student_warmup_epochs=2, student_image_budget=18_000,
+        image_size=64, batch_size=32, teacher_epochs=2, teacher_steps=3000, student_epochs=10, student_steps=1800,
+        student_batch_size=16, validations_per_run=30, sizes=[50, 100, 150], seeds=[0], mixed_precision="bf16",
+        channels_last=False, checkpoint_every=2, teacher_opt="adamw", teacher_lr=3e-3, teacher_sched="onecycle",
+        teacher_weight_decay=0.05, student_opt="adamw", student_lr=1e-3, student_sched="cosine", student_min_lr=1e-4,
+        student_warmup_epochs=1,
     ),
+    # the paper's hyper-parameters: epochs, optimizers, learning rates and batch
     "paper": dict(
-        image_size=224, batch_size=32, teacher_epochs=200, teacher_image_budget=None, student_epochs=200,
-        sizes=[50, 100, 150, None], seeds=[0, 1, 2], mixed_precision="auto", channels_last=False, checkpoint_every=10,
-        teacher_opt="adam", teacher_lr=1e-3, teacher_sched="none", teacher_weight_decay=0.0, student_opt="adamw",
-        student_lr=5e-5, student_sched="cosine", student_min_lr=2e-5, student_warmup_epochs=5, student_image_budget=None,
+        image_size=224, batch_size=32, teacher_epochs=200, teacher_steps=None, student_epochs=200, student_steps=None,
+        student_batch_size=None, validations_per_run=None, sizes=[50, 100, 150, None], seeds=[0, 1, 2], mixed_precision="auto",
+        channels_last=False, checkpoint_every=10, teacher_opt="adam", teacher_lr=1e-3, teacher_sched="none",
+        teacher_weight_decay=0.0, student_opt="adamw", student_lr=5e-5, student_sched="cosine", student_min_lr=2e-5,
+        student_warmup_epochs=5,
     ),
 }  # fmt: skip
 
@@ -290,21 +323,33 @@ def test_experiments_recorded_before_the_students_optimizer_was_a_setting_still_
     # the settings recorded before the move to the zoo, and the two that joined them
     assert set(settings) == {
         "alpha", "augment_on_device", "batch_size", "channels_last", "dataset", "feature_weight", "image_size", "kl_reduction",
-        "mixed_precision", "smote", "stage_alpha", "student_epochs", "student_image_budget", "student_lr", "student_min_lr",
+        "mixed_precision", "smote", "stage_alpha", "student_epochs", "student_lr", "student_min_lr",
         "student_opt", "student_sched", "student_warmup_epochs", "student_weight_decay", "teacher_checkpoint", "teacher_epochs",
-        "teacher_image_budget", "teacher_lr", "teacher_opt", "teacher_per_class", "teacher_sched", "teacher_weight_decay",
+        "teacher_lr", "teacher_opt", "teacher_per_class", "teacher_sched", "teacher_weight_decay",
         "temperature", "val_fraction",
         # the experiment on any data set and model pair
         "test_fraction", "teacher_model", "student_model", "alone_model", "taps", "select_metric",
+        # budgets in optimizer steps, which replaced the image budgets
+        "teacher_steps", "student_steps", "student_batch_size", "validations_per_run",
     }  # fmt: skip
     added_since = ("student_opt", "student_sched", "test_fraction", "teacher_model", "student_model", "alone_model", "taps", "select_metric")
-    older = {name: value for name, value in settings.items() if name not in added_since}
-    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps(older))
+    steps = ("teacher_steps", "student_steps", "student_batch_size", "validations_per_run")
+    config = ExperimentConfig(output_dir=str(tmp_path), resume=True, **{name: None for name in steps})
+    settings = defining_settings(config)
+    older = {name: value for name, value in settings.items() if name not in (*added_since, *steps)}
+    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps({**older, "teacher_image_budget": None, "student_image_budget": None}))
     check_same_settings(config, tmp_path)  # AdamW and cosine, the HDKD pair, as every run before was trained
     with pytest.raises(ResumeError, match=r"teacher_model 'hdkd_teacher' there, 'resnet10t' now"):
         check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, teacher_model="resnet10t"), tmp_path)
     with pytest.raises(ResumeError, match=r"student_opt 'adamw' there, 'sgd' now"):
         check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, student_opt="sgd"), tmp_path)
+    # an experiment of epochs only does not resume under a step budget (its runs would train on)
+    with pytest.raises(ResumeError, match=r"student_steps None there, 1800 now"):
+        check_same_settings(ExperimentConfig(output_dir=str(tmp_path), resume=True, teacher_steps=None), tmp_path)
+    # nor one trained under an image budget, a rule that is gone
+    (tmp_path / EXPERIMENT_FILE).write_text(json.dumps({**older, "student_image_budget": 18_000}))
+    with pytest.raises(ResumeError, match=r"records student_image_budget 18000 \(budgets in images gave way to budgets in optimizer steps"):
+        check_same_settings(config, tmp_path)
 
 
 # --------------------------------------------------------------------------- the import boundary
@@ -361,7 +406,7 @@ def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
     args = build_parser(None).parse_args([
         "--data", str(data), "--output-dir", str(tmp_path / "run"), "--preset", "cpu", "--image-size", "32",
         "--teacher-epochs", "1", "--student-epochs", "2", "--sizes", "3,20", "--seeds", "0", "--batch-size", "8",
-        "--teacher", "resnet10t", "--student", "resnet10t", "--taps", "layer2,layer3", "--mixed-precision", "no",
+        "--student-batch-size", "none", "--teacher", "resnet10t", "--student", "resnet10t", "--taps", "layer2,layer3", "--mixed-precision", "no",
         "--figure-tap", "teacher=layer3,student=layer2",
     ])
     config = config_from_args(None, args)
@@ -563,8 +608,13 @@ def test_the_model_check_runs_a_training_step_at_each_processs_batch():
         check_models(ExperimentConfig(**pair, batch_size=8), num_classes=3, num_processes=8)
     # reused from a checkpoint, the teacher only evaluates; the students still train
     with pytest.raises(PlanError) as error:
-        check_models(ExperimentConfig(**pair, batch_size=1, teacher_checkpoint="teacher.safetensors"), num_classes=3)
+        check_models(ExperimentConfig(**pair, batch_size=1, student_batch_size=1, teacher_checkpoint="teacher.safetensors"), num_classes=3)
     assert "the teacher model" not in str(error.value) and "the student model 'resnet10t' cannot take" in str(error.value)
+    # the students train at their own batch: a batch of one is theirs to fix, by its own flag
+    with pytest.raises(PlanError) as error:
+        check_models(ExperimentConfig(**pair, batch_size=2, student_batch_size=1), num_classes=3)
+    assert "the teacher model" not in str(error.value)
+    assert "the student model 'resnet10t' cannot take" in str(error.value) and "a larger --student-batch-size" in str(error.value)
 
 
 def test_sizes_epochs_and_batches_below_one_are_refused_naming_the_flag(capsys):

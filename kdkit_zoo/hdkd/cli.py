@@ -24,13 +24,13 @@ from .report import results_markdown
 
 __all__ = ["build_parser", "config_from_args", "configure_logging", "main", "set_cpu_threads"]
 
-# The preset settings a flag of the same name overrides when given (the image budgets are
+# The preset settings a flag of the same name overrides when given (the optional counts are
 # handled apart: their flag's "none" must override a preset's number).
 _PRESET_FLAGS = (
     "image_size", "teacher_epochs", "student_epochs", "batch_size", "sizes", "seeds", "mixed_precision", "channels_last",
     "checkpoint_every", "augment",
 )  # fmt: skip
-_BUDGET_FLAGS = ("teacher_image_budget", "student_image_budget")
+_OPTIONAL_COUNT_FLAGS = ("teacher_steps", "student_steps", "student_batch_size", "validations_per_run")
 
 
 def _count(text: str) -> int:
@@ -48,8 +48,9 @@ def _parse_sizes(text: str) -> list[int | None]:
     return [None if item.strip() == "all" else _count(item) for item in text.split(",") if item.strip()]
 
 
-def _parse_budget(text: str) -> int | None:
-    return None if text.strip().lower() == "none" else int(text)
+def _optional_count(text: str) -> int | None:
+    """A count, or ``none`` (which overrides a preset's number)."""
+    return None if text.strip().lower() == "none" else _count(text)
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -109,23 +110,26 @@ def build_parser(dataset: str | None) -> argparse.ArgumentParser:
         help="cpu: reduced resolution and epochs (default without a GPU); paper: 224 px, 200 epochs",
     )
     parser.add_argument("--image-size", type=_count)
-    parser.add_argument("--teacher-epochs", type=_count)
+    parser.add_argument("--teacher-epochs", type=_count, help="epochs of phase 1; alone, the teacher's length (the preset's steps are dropped)")
+    # Absent unless given (argparse.SUPPRESS): their 'none' must override a preset's number.
+    optional = dict(type=_optional_count, default=argparse.SUPPRESS)
     parser.add_argument(
-        "--teacher-image-budget",
-        type=_parse_budget,
-        default=argparse.SUPPRESS,
-        help="the teacher trains the fewest epochs whose images reach N (at most --teacher-epochs); 'none': no budget",
+        "--teacher-steps", **optional,
+        help="the teacher trains the fewest whole epochs that reach N optimizer steps, at least --teacher-epochs; 'none': --teacher-epochs",
     )
-    parser.add_argument("--student-epochs", type=_count)
-    parser.add_argument("--batch-size", type=_count)
+    parser.add_argument("--student-epochs", type=_count, help="epochs of each student run; alone, their length (the preset's steps are dropped)")
+    parser.add_argument(
+        "--student-steps", **optional,
+        help="each student run trains the fewest whole epochs that reach N optimizer steps, at least --student-epochs; 'none': --student-epochs",
+    )
+    parser.add_argument("--batch-size", type=_count, help="the global batch of the teacher (and of the students without --student-batch-size)")
+    parser.add_argument("--student-batch-size", **optional, help="the global batch of the student runs; 'none': --batch-size")
+    parser.add_argument(
+        "--validations-per-run", **optional,
+        help="validate (and choose the best model) about N times per run, evenly spaced and after the last epoch; 'none': every epoch",
+    )
     parser.add_argument("--sizes", type=_parse_sizes, help="images per class, e.g. 50,100,150,all")
     parser.add_argument("--seeds", type=_parse_ints, help="e.g. 0,1,2")
-    parser.add_argument(
-        "--student-image-budget",
-        type=_parse_budget,
-        default=argparse.SUPPRESS,  # absent unless given: 'none' must override the preset
-        help="each student run trains the fewest epochs whose images reach N (at most --student-epochs); 'none': no budget",
-    )
     parser.add_argument(
         "--mixed-precision", choices=list(devices.MIXED_PRECISION_CHOICES),
         help="auto: bf16 on a GPU that has it; accelerate launch --mixed_precision bf16/fp16 wins over the preset",
@@ -182,9 +186,13 @@ def config_from_args(dataset: str | None, args: argparse.Namespace) -> Experimen
     for name in _PRESET_FLAGS:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    for budget in _BUDGET_FLAGS:
-        if hasattr(args, budget):
-            values[budget] = getattr(args, budget)
+    for role in ("teacher", "student"):
+        # Epochs given without steps are the run's length, not a floor under the preset's steps.
+        if getattr(args, f"{role}_epochs") is not None and not hasattr(args, f"{role}_steps"):
+            values[f"{role}_steps"] = None
+    for name in _OPTIONAL_COUNT_FLAGS:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
     return ExperimentConfig(
         dataset=dataset,
         output_dir=args.output_dir,

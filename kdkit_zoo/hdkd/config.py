@@ -15,6 +15,7 @@ from typing import Any
 import timm
 
 from kdkit import devices
+from kdkit.plan import steps_per_process
 
 from .datasets import DATASETS
 
@@ -31,7 +32,7 @@ ARMS = (STUDENT, HDKD)
 """The two arms every size and seed trains, in the order they train and are reported."""
 
 PRESETS: dict[str, dict[str, object]] = {
-    # Two CPU cores, about 45 minutes end to end: reduced resolution and epochs, bf16 autocast
+    # Two CPU cores: reduced resolution and budgets, bf16 autocast
     # (1.5x the float32 distillation step on an AVX512-BF16 CPU), and a one-cycle AdamW
     # teacher, which reaches a useful accuracy in few epochs where plain Adam does not.
     # channels_last is off: under bf16 at 64 px it made the teacher's step 5.8% slower and
@@ -39,11 +40,15 @@ PRESETS: dict[str, dict[str, object]] = {
     "cpu": dict(
         image_size=64,
         batch_size=32,
-        teacher_epochs=8,
-        # Brain Tumor MRI's pool (about 5,100 images) keeps its 8 epochs; the SMOTE-balanced
-        # HAM10000 pool (about 38,700 images) trains 2 instead of 8, a quarter of the time.
-        teacher_image_budget=45_000,
-        student_epochs=30,
+        # Budgets in optimizer steps, so that they follow the data: a run trains the fewest whole
+        # epochs that reach its steps, and at least its epochs. 200 images then train as long
+        # as 5,000, and a large pool (HAM10000's SMOTE-balanced one) is not cut to a few passes.
+        teacher_epochs=2,
+        teacher_steps=3000,
+        student_epochs=10,
+        student_steps=1800,
+        student_batch_size=16,
+        validations_per_run=30,
         sizes=[50, 100, 150],
         seeds=[0],
         mixed_precision="bf16",  # the launcher's bf16/fp16 still wins (kdkit.devices)
@@ -57,10 +62,7 @@ PRESETS: dict[str, dict[str, object]] = {
         student_lr=1e-3,
         student_sched="cosine",
         student_min_lr=1e-4,
-        student_warmup_epochs=2,
-        # The 150-per-class run's 18,000 training images: the whole set (about 5,100 images)
-        # then trains 4 epochs instead of 30, which two cores finish in minutes, not hours.
-        student_image_budget=18_000,
+        student_warmup_epochs=1,
     ),
     # The paper's setting (224 px, 200 epochs, global batch 32), for GPUs: bf16 where the GPU
     # has it (the launcher's choice wins), a resumable checkpoint every 10 epochs, not 200.
@@ -68,8 +70,11 @@ PRESETS: dict[str, dict[str, object]] = {
         image_size=224,
         batch_size=32,
         teacher_epochs=200,
-        teacher_image_budget=None,
+        teacher_steps=None,
         student_epochs=200,
+        student_steps=None,
+        student_batch_size=None,
+        validations_per_run=None,
         sizes=[50, 100, 150, None],
         seeds=[0, 1, 2],
         mixed_precision="auto",
@@ -84,7 +89,6 @@ PRESETS: dict[str, dict[str, object]] = {
         student_sched="cosine",
         student_min_lr=2e-5,
         student_warmup_epochs=5,
-        student_image_budget=None,
     ),
 }
 """Named settings of :class:`ExperimentConfig`; ``cpu`` is the default without a GPU, and the
@@ -112,11 +116,19 @@ class ExperimentConfig:
         image_size: Training and test resolution.
         batch_size: The global batch size, split evenly across the processes of ``accelerate
             launch`` (as the paper's 32 on one GPU); it must divide by their number.
-        teacher_epochs: Epochs of phase 1.
-        teacher_image_budget: Training images (epochs x set size, after SMOTE) after which the
-            teacher may stop: it trains the fewest epochs that reach the budget, at least one and
-            at most ``teacher_epochs``. ``None``: always ``teacher_epochs``.
-        student_epochs: Epochs of each phase-2 run.
+        teacher_epochs: Epochs of phase 1 (the fewest, with ``teacher_steps``).
+        teacher_steps: Optimizer steps of phase 1: the teacher trains the fewest whole epochs
+            that reach them (on its training set, after SMOTE), and at least ``teacher_epochs``.
+            ``None``: ``teacher_epochs``. The teacher also never trains fewer steps than the
+            longest student run.
+        student_epochs: Epochs of each phase-2 run (the fewest, with ``student_steps``).
+        student_steps: Optimizer steps of each phase-2 run (student alone, HDKD and baselines
+            alike): the fewest whole epochs that reach them on the run's subset, and at least
+            ``student_epochs``. ``None``: ``student_epochs``.
+        student_batch_size: The global batch of the phase-2 runs; ``None``: ``batch_size``.
+        validations_per_run: Validate (and choose the best model) about this many times per
+            run, every ``ceil(epochs / validations_per_run)`` epochs and after the last;
+            ``None``: after every epoch.
         sizes: Training images per class; ``None`` means the whole training pool.
         seeds: Seeds of the per-class subsets and of the student runs.
         mixed_precision: ``"auto"`` (bf16 on a GPU that has it, else fp16; none on the CPU),
@@ -136,10 +148,9 @@ class ExperimentConfig:
         student_lr: Peak learning rate of the students.
         student_sched: timm scheduler name of the students (the paper's cosine).
         student_min_lr: Final learning rate of the students' schedule.
-        student_warmup_epochs: Linear warm-up epochs of the students.
+        student_warmup_epochs: Linear warm-up epochs of the students (the one-cycle schedule's
+            rising phase), in a run of ``student_epochs``; a run of more epochs keeps its share.
         student_weight_decay: Weight decay of the students.
-        student_image_budget: The same budget for each student run: the fewest epochs that
-            reach it, at most ``student_epochs``. ``None`` trains every size for ``student_epochs``.
         alpha: Weight ``a`` of the logit KL against cross-entropy.
         temperature: KL temperature ``T``.
         feature_weight: ``lambda``, the weight of the stage-weighted feature MSE.
@@ -190,8 +201,11 @@ class ExperimentConfig:
     image_size: int = _cpu_preset("image_size")
     batch_size: int = _cpu_preset("batch_size")
     teacher_epochs: int = _cpu_preset("teacher_epochs")
-    teacher_image_budget: int | None = _cpu_preset("teacher_image_budget")
+    teacher_steps: int | None = _cpu_preset("teacher_steps")
     student_epochs: int = _cpu_preset("student_epochs")
+    student_steps: int | None = _cpu_preset("student_steps")
+    student_batch_size: int | None = _cpu_preset("student_batch_size")
+    validations_per_run: int | None = _cpu_preset("validations_per_run")
     sizes: list[int | None] = _cpu_preset("sizes")
     seeds: list[int] = _cpu_preset("seeds")
     mixed_precision: str = _cpu_preset("mixed_precision")
@@ -208,7 +222,6 @@ class ExperimentConfig:
     student_min_lr: float = _cpu_preset("student_min_lr")
     student_warmup_epochs: int = _cpu_preset("student_warmup_epochs")
     student_weight_decay: float = 0.1
-    student_image_budget: int | None = _cpu_preset("student_image_budget")
     alpha: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 10.0
@@ -257,8 +270,9 @@ class ExperimentConfig:
         for name in ("image_size", "batch_size", "teacher_epochs", "student_epochs", "checkpoint_every"):
             if not _is_count(value := getattr(self, name)):
                 raise ValueError(f"{name} must be a whole number of at least 1 (--{name.replace('_', '-')}), got {value!r}")
-        if self.teacher_per_class is not None and not _is_count(self.teacher_per_class):
-            raise ValueError(f"teacher_per_class must be a whole number of at least 1 or None (--teacher-per-class), got {self.teacher_per_class!r}")
+        for name in ("teacher_per_class", "teacher_steps", "student_steps", "student_batch_size", "validations_per_run"):
+            if (value := getattr(self, name)) is not None and not _is_count(value):
+                raise ValueError(f"{name} must be a whole number of at least 1 or None (--{name.replace('_', '-')}), got {value!r}")
         if bad := [size for size in self.sizes or [] if size is not None and not _is_count(size)]:
             raise ValueError(f"sizes are images per class, whole numbers of at least 1 or None for all (--sizes), got {bad}")
         if self.resume and self.overwrite:
@@ -281,9 +295,6 @@ class ExperimentConfig:
                 raise ValueError("baseline_seeds needs baselines and at least one seed")
             if stray := sorted(set(self.baseline_seeds) - set(self.seeds)):
                 raise ValueError(f"baseline_seeds {stray} are not among the seeds {self.seeds}")
-        for name in ("teacher_image_budget", "student_image_budget"):
-            if (budget := getattr(self, name)) is not None and budget < 1:
-                raise ValueError(f"{name} must be positive or None, got {budget}")
 
     @property
     def alone_model_name(self) -> str:
@@ -309,13 +320,22 @@ class ExperimentConfig:
         """How the data is named in reports: the preset data set, or the user's folder or CSV."""
         return self.dataset if self.data is None else self.data
 
-    def teacher_epochs_for(self, num_images: int) -> int:
-        """Epochs of the teacher on ``num_images`` images under :attr:`teacher_image_budget`."""
-        return _epochs_reaching(self.teacher_image_budget, self.teacher_epochs, num_images)
+    @property
+    def student_batch(self) -> int:
+        """The global batch of the phase-2 runs: ``student_batch_size``, else ``batch_size``."""
+        return self.student_batch_size or self.batch_size
 
-    def student_epochs_for(self, num_images: int) -> int:
-        """Epochs of a student run on ``num_images`` images under :attr:`student_image_budget`."""
-        return _epochs_reaching(self.student_image_budget, self.student_epochs, num_images)
+    def teacher_epochs_for(self, num_images: int, num_processes: int = 1) -> int:
+        """Epochs of the teacher on ``num_images`` training images: ``teacher_epochs``, or more to reach ``teacher_steps``."""
+        return _epochs_reaching(self.teacher_steps, self.teacher_epochs, steps_per_process(num_images, self.batch_size, num_processes))
+
+    def student_epochs_for(self, num_images: int, num_processes: int = 1) -> int:
+        """Epochs of a phase-2 run on ``num_images`` training images: ``student_epochs``, or more to reach ``student_steps``."""
+        return _epochs_reaching(self.student_steps, self.student_epochs, steps_per_process(num_images, self.student_batch, num_processes))
+
+    def eval_every_for(self, epochs: int) -> int:
+        """Epochs between the validations of a run of ``epochs``, under :attr:`validations_per_run`."""
+        return 1 if self.validations_per_run is None else max(1, math.ceil(epochs / self.validations_per_run))
 
 
 def _is_count(value: object) -> bool:
@@ -323,12 +343,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _epochs_reaching(budget: int | None, epochs: int, num_images: int) -> int:
-    """``epochs``, or fewer: the fewest whole passes over ``num_images`` that reach ``budget`` images.
+def _epochs_reaching(steps: int | None, epochs: int, steps_per_epoch: int) -> int:
+    """``epochs``, or more: the fewest whole epochs of ``steps_per_epoch`` optimizer steps that reach ``steps``.
 
-    The last pass may overshoot the budget (5,137 images and a budget of 18,000: 4 epochs,
-    20,548 images), so that no run sees fewer images than the budget.
+    The last epoch may overshoot (1,800 steps at 12 per epoch: 150 epochs; at 25: 72 epochs,
+    1,800 steps; at 37: 49 epochs, 1,813 steps), so that no run takes fewer steps than its budget.
     """
-    if budget is None:
+    if steps is None or steps_per_epoch < 1:  # a run that cannot step is the plan check's to report
         return epochs
-    return max(1, min(epochs, math.ceil(budget / num_images)))
+    return max(epochs, math.ceil(steps / steps_per_epoch))

@@ -218,8 +218,9 @@ class _Teacher:
         at_least = student_steps(config, len(longest.subset), state.num_processes) if longest is not None else 0
         self._train_config = teacher_train_config(config, output_dir / "teacher", len(self._train_set), at_least_steps=at_least,
                                                   num_processes=state.num_processes)
-        if self._train_config.epochs > config.teacher_epochs_for(len(self._train_set)):
-            note = (f"the teacher trains {self._train_config.epochs} epochs instead of {config.teacher_epochs_for(len(self._train_set))}, "
+        budgeted = config.teacher_epochs_for(len(self._train_set), state.num_processes)
+        if self._train_config.epochs > budgeted:
+            note = (f"the teacher trains {self._train_config.epochs} epochs instead of {budgeted}, "
                     f"so that it takes at least the {at_least} optimizer steps of the longest student run ({longest.name})")
             logger.warning("%s", note)
             self.notes.append(note)
@@ -303,7 +304,7 @@ def _train_students(
             if run.arm == HDKD and not teacher.ready():
                 held += [] if "teacher" in held else ["teacher"]
                 continue
-            train_config = student_train_config(config, output_dir / run.name, run.seed, len(run.subset))
+            train_config = student_train_config(config, output_dir / run.name, run.seed, len(run.subset), PartialState().num_processes)
             if config.finished_only and not main_decides(lambda: is_finished(train_config)):
                 logger.info("%s has not finished: left out of the report", run.name)
                 outcome.left_out.add(run.name)
@@ -356,7 +357,7 @@ def _train_planned_run(
     classes = run.subset.classes
     torch.manual_seed(run.seed)  # the model's initial weights
     model, task = _task_of(run, teacher, config)
-    outcome = fit_and_test(task, train_config, run.subset, data, config)
+    outcome = fit_and_test(task, train_config, run.subset, data, config, batch_size=config.student_batch)
     model.eval()
     if run.size == config.sizes[0] and run.seed == config.seeds[0] and run.arm in ARMS:
         figure_models[run.arm] = model

@@ -28,6 +28,14 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 """The test metrics every record keeps, in the order the tables list them."""
 
 
+def _student_budget_text(config: ExperimentConfig) -> str:
+    """How long each student run trains, as the report says it."""
+    if config.student_steps is None:
+        return f"{config.student_epochs} student epochs at batch {config.student_batch}"
+    return (f"{config.student_steps:,} optimizer steps per student run at batch {config.student_batch} "
+            f"(the fewest whole epochs that reach them, at least {config.student_epochs})")
+
+
 def size_label(size: int | None) -> int | str:
     """The label of a training-set size in records: images per class, or ``"all"`` for ``None``."""
     return "all" if size is None else size
@@ -128,8 +136,7 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
         f"Teacher (`{config.teacher_model}`): accuracy {100 * teacher['accuracy']:.2f}%, "
         f"balanced accuracy {100 * teacher['balanced_accuracy']:.2f}%, macro F1 {100 * teacher['macro_f1']:.2f}%.",
         "",
-        f"{config.image_size} px, {config.student_epochs} student epochs"
-        + (f" or the fewest that reach {config.student_image_budget:,} training images" if config.student_image_budget else "")
+        f"{config.image_size} px, " + _student_budget_text(config)
         + f", seeds {config.seeds}; mean ± standard deviation over seeds; the gain over the seeds both arms finished.",
         "",
         "| images per class | metric | student | HDKD | gain |",

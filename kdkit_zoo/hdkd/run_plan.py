@@ -138,7 +138,7 @@ def check_runs_fit(config: ExperimentConfig, pool: ImageTensorDataset, planned: 
     """
     check_plan(
         ([] if config.teacher_checkpoint else [PlannedTraining("teacher", teacher_set_size(pool, config))])
-        + [PlannedTraining(run.name, len(run.subset)) for run in planned],
+        + [PlannedTraining(run.name, len(run.subset), batch_size=config.student_batch) for run in planned],
         batch_size=config.batch_size,
         num_processes=num_processes,
     )
@@ -210,14 +210,16 @@ def check_models(config: ExperimentConfig, num_classes: int = 2, num_processes: 
         image_size=config.image_size,
         losses=hdkd_losses(config),
         taps=config.feature_taps,
-        # Each process's share of the global batch; one that does not divide is check_runs_fit's to report.
-        batch_size=max(1, config.batch_size // max(1, num_processes)),
+        # Each process's share of the global batches; one that does not divide is check_runs_fit's to report.
+        batch_size=max(1, config.student_batch // max(1, num_processes)),
+        teacher_batch_size=max(1, config.batch_size // max(1, num_processes)),
         epochs=config.student_epochs,
         teacher_epochs=None if config.teacher_checkpoint else config.teacher_epochs,
         # Baselines are built as the experiment builds them: for timm's default size.
         trained_alone=[planned("alone"), *(PlannedModel.timm(name, num_classes, role="baseline") for name in config.baselines)],
         val_fraction=config.val_fraction,
-        names=SETTING_FLAGS,
+        names={**SETTING_FLAGS, "teacher_batch_size": "--batch-size",
+               "batch_size": "--student-batch-size" if config.student_batch_size else "--batch-size"},
     )
     models = {"teacher": probed.teachers[0], "student": probed.student, "alone": probed.trained_alone[0]}
     for role, model in models.items():

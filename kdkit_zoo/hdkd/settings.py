@@ -46,6 +46,18 @@ _BEFORE_RECORDED = {
     "alone_model": None,
     "taps": None,
     "select_metric": None,
+    # before budgets in optimizer steps: epochs only, the global batch, a validation per epoch
+    "teacher_steps": None,
+    "student_steps": None,
+    "student_batch_size": None,
+    "validations_per_run": None,
+}
+
+# Settings kdkit no longer has, and the value under which their runs are what today's kdkit
+# trains: a record of another value was trained under a rule that is gone.
+_REMOVED = {
+    "teacher_image_budget": (None, "budgets in images gave way to budgets in optimizer steps (teacher_steps)"),
+    "student_image_budget": (None, "budgets in images gave way to budgets in optimizer steps (student_steps)"),
 }
 
 
@@ -72,6 +84,13 @@ def check_same_settings(config: ExperimentConfig, output_dir: Path) -> None:
     settings = defining_settings(config)
     if config.resume and path.is_file():
         recorded = {**_BEFORE_RECORDED, **json.loads(path.read_text(encoding="utf-8"))}
+        if gone := [f"{name} {recorded[name]!r} ({why})" for name, (value, why) in _REMOVED.items() if recorded.get(name, value) != value]:
+            raise ResumeError(
+                f"cannot resume the experiment in {output_dir}: {path} records "
+                + "; ".join(gone)
+                + ", a setting this version of kdkit no longer has, so its runs cannot continue as they were trained. "
+                "Give this experiment another output folder (--output-dir), or resume it with the kdkit that started it"
+            )
         # Only the recorded fields: a field added to kdkit since keeps its old behaviour by default.
         if changed := sorted(name for name in recorded.keys() & settings.keys() if recorded[name] != settings[name]):
             raise ResumeError(

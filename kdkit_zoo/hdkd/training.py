@@ -129,14 +129,15 @@ def prepare_data(config: ExperimentConfig, splits: dict[str, ImageTensorDataset]
     )
 
 
-def loader(dataset: ImageTensorDataset, config: ExperimentConfig, *, train: bool) -> DataLoader:
-    """:func:`kdkit.data.make_loader` with the experiment's global batch and workers."""
+def loader(dataset: ImageTensorDataset, config: ExperimentConfig, *, train: bool, batch_size: int | None = None) -> DataLoader:
+    """:func:`kdkit.data.make_loader` with the experiment's workers and ``batch_size`` (default: its global batch)."""
     workers = devices.default_workers() if config.workers is None else config.workers
-    return make_loader(dataset, config.batch_size, train=train, workers=workers)
+    return make_loader(dataset, batch_size or config.batch_size, train=train, workers=workers)
 
 
-def _shared_settings(config: ExperimentConfig, output_dir: Path, seed: int) -> dict[str, object]:
+def _shared_settings(config: ExperimentConfig, output_dir: Path, seed: int, epochs: int) -> dict[str, object]:
     return dict(
+        eval_every=config.eval_every_for(epochs),
         mixed_precision=devices.resolve_mixed_precision(config.mixed_precision),
         channels_last=config.channels_last,
         checkpoint_every=config.checkpoint_every,
@@ -156,7 +157,7 @@ def teacher_train_config(config: ExperimentConfig, output_dir: Path, num_images:
     where those give fewer than ``at_least_steps`` optimizer steps (the longest student run's):
     a teacher that trains less than its students is often weaker than the student alone.
     """
-    epochs = config.teacher_epochs_for(num_images)
+    epochs = config.teacher_epochs_for(num_images, num_processes)
     if at_least_steps:
         per_epoch = steps_per_process(num_images, config.batch_size, num_processes)
         epochs = max(epochs, math.ceil(at_least_steps / per_epoch))
@@ -166,24 +167,23 @@ def teacher_train_config(config: ExperimentConfig, output_dir: Path, num_images:
         lr=config.teacher_lr,
         sched=config.teacher_sched,
         weight_decay=config.teacher_weight_decay,
-        **_shared_settings(config, output_dir, seed=0),
+        **_shared_settings(config, output_dir, seed=0, epochs=epochs),
     )
 
 
 def student_steps(config: ExperimentConfig, num_images: int, num_processes: int = 1) -> int:
     """Optimizer steps of a phase-2 run on ``num_images`` training images, on each process."""
-    return config.student_epochs_for(num_images) * steps_per_process(num_images, config.batch_size, num_processes)
+    return config.student_epochs_for(num_images, num_processes) * steps_per_process(num_images, config.student_batch, num_processes)
 
 
-def student_train_config(config: ExperimentConfig, output_dir: Path, seed: int, num_images: int) -> TrainConfig:
+def student_train_config(config: ExperimentConfig, output_dir: Path, seed: int, num_images: int, num_processes: int = 1) -> TrainConfig:
     """A phase-2 run (student alone, HDKD or baseline) on ``num_images`` training images."""
-    epochs = config.student_epochs_for(num_images)
-    # A shortened run keeps the warm-up's share of the schedule (at least one epoch), and at
-    # least one epoch of decay: a one-epoch run has no warm-up.
+    epochs = config.student_epochs_for(num_images, num_processes)
+    # A run lengthened to reach its steps keeps the warm-up's share of the schedule, so that
+    # every size warms up alike; at least one epoch of decay follows (a one-epoch run has none).
     warmup = config.student_warmup_epochs
-    if epochs < config.student_epochs and warmup:
-        warmup = min(max(1, round(warmup * epochs / config.student_epochs)), epochs - 1)
-    # So does a run of no more epochs than the warm-up has (student_epochs=1 beside the preset's 2).
+    if epochs > config.student_epochs and warmup:
+        warmup = round(warmup * epochs / config.student_epochs)
     warmup = min(warmup, epochs - 1)
     return TrainConfig(
         epochs=epochs,
@@ -193,7 +193,7 @@ def student_train_config(config: ExperimentConfig, output_dir: Path, seed: int, 
         min_lr=config.student_min_lr,
         warmup_epochs=warmup,
         weight_decay=config.student_weight_decay,
-        **_shared_settings(config, output_dir, seed),
+        **_shared_settings(config, output_dir, seed, epochs=epochs),
     )
 
 
@@ -220,12 +220,15 @@ class RunOutcome:
 
 
 def fit_and_test(
-    task: nn.Module, train_config: TrainConfig, train_set: ImageTensorDataset, data: ExperimentData, config: ExperimentConfig
+    task: nn.Module, train_config: TrainConfig, train_set: ImageTensorDataset, data: ExperimentData, config: ExperimentConfig,
+    *, batch_size: int | None = None,
 ) -> RunOutcome:
-    """Trains ``task`` on ``train_set`` (resuming when ``config.resume``, replacing a run when
-    ``config.overwrite``), reloads its best student and tests it."""
+    """Trains ``task`` on ``train_set`` at the global ``batch_size`` (default: ``config.batch_size``),
+    resuming when ``config.resume`` and replacing a run when ``config.overwrite``, then reloads
+    its best student and tests it."""
     trainer = Trainer(task, train_config, class_names=train_set.classes, **data.pipeline.trainer_kwargs())
-    result = trainer.fit(loader(train_set, config, train=True), loader(data.val, config, train=False), resume=config.resume,
+    train_loader = loader(train_set, config, train=True, batch_size=batch_size)
+    result = trainer.fit(train_loader, loader(data.val, config, train=False), resume=config.resume,
                          overwrite=config.overwrite)
     return RunOutcome(result, trainer.test(loader(data.test, config, train=False)))
 
