@@ -424,6 +424,10 @@ def test_the_experiment_on_class_folders_with_any_timm_pair(tmp_path):
     report = (tmp_path / "run" / "results.md").read_text()
     assert "resnet10t" in report and str(data) in report
     assert "Note: 20 images per class: class" in report
+    # one seed: the report says what repeats it and how far it can be trusted
+    assert results["config"]["threads_per_process"] == torch.get_num_threads()
+    assert f"One seed: each cell is one draw of the subset and of the initial weights, not a mean. The same command repeats it on {torch.get_num_threads()} CPU thread(s) per process, 1 process(es), torch {torch.__version__}" in report
+    assert "2 student epochs at batch 8" in report
     assert (tmp_path / "run" / "activation_maps.png").is_file()
 
 
@@ -483,12 +487,26 @@ def test_a_teacher_below_the_student_alone_is_flagged_per_size_and_metric():
     assert notes == [
         "the teacher (accuracy 83.80%) is below the student alone at 50 images per class (86.80%): HDKD distils a weaker "
         "model than the student reaches alone there, so its result says nothing about distillation; train the teacher "
-        "longer (--teacher-epochs) or with another recipe",
+        "longer (--teacher-steps) or with another recipe",
         notes[1],
     ]
     assert notes[1].startswith("the teacher (balanced accuracy 90.00%) is below the student alone at all images per class (94.00%)")
     results["teacher"] = {"accuracy": 0.95, "balanced_accuracy": 0.95, "macro_f1": 0.9}
     assert weak_teacher_notes(results, config) == []
+
+
+def test_the_report_states_the_budget_and_trusts_one_seed_only_so_far():
+    from kdkit_zoo.hdkd.report import results_markdown
+
+    run = lambda model, seed: dict(model=model, size=50, seed=seed, accuracy=0.8, balanced_accuracy=0.8, macro_f1=0.8)  # noqa: E731
+    teacher = {"accuracy": 0.95, "balanced_accuracy": 0.95, "macro_f1": 0.95}
+    one = results_markdown({"teacher": teacher, "runs": [run(STUDENT, 0), run("HDKD", 0)], "config": {"threads_per_process": 2}},
+                           ExperimentConfig(sizes=[50]))
+    assert "1,800 optimizer steps per student run at batch 16 (the fewest whole epochs that reach them, at least 10)" in one
+    assert "One seed: each cell is one draw" in one and "repeats it on 2 CPU thread(s) per process;" in one
+    three = results_markdown({"teacher": teacher, "runs": [run(arm, seed) for seed in range(3) for arm in (STUDENT, "HDKD")]},
+                             ExperimentConfig(sizes=[50], seeds=[0, 1, 2], student_steps=None))
+    assert "One seed" not in three and "10 student epochs at batch 16" in three
 
 
 def test_the_figure_tap_is_one_for_all_models_or_one_per_role():

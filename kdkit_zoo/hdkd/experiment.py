@@ -401,6 +401,9 @@ def _results(
             "mixed_precision_used": devices.resolve_mixed_precision(config.mixed_precision),
             "augment_on_device": devices.augment_on_device(config.augment),
             "num_processes": state.num_processes,
+            # What a rerun must match to repeat a seed's figures: the order of float sums follows them.
+            "threads_per_process": torch.get_num_threads(),
+            "torch": torch.__version__,
             "seconds": round(time.perf_counter() - started, 1),
         },
     }

@@ -86,7 +86,7 @@ def weak_teacher_notes(results: Mapping[str, object], config: ExperimentConfig) 
                 notes.append(
                     f"the teacher ({metric.replace('_', ' ')} {mine:.2f}%) is below the student alone at {size} images per "
                     f"class ({statistics.fmean(alone):.2f}%): HDKD distils a weaker model than the student reaches alone "
-                    "there, so its result says nothing about distillation; train the teacher longer (--teacher-epochs) "
+                    "there, so its result says nothing about distillation; train the teacher longer (--teacher-steps) "
                     "or with another recipe")
     return notes
 
@@ -153,6 +153,8 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
                 gain += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
             cells = [summary_cell(values, len(config.seeds)) for values in (student, hdkd)]
             lines.append(f"| {size} | {metric} | {cells[0]} | {cells[1]} | {gain} |")
+    if len(config.seeds) == 1:
+        lines += ["", _one_seed_text(results)]
     if notes := results.get("notes"):
         lines += ["", *(f"Note: {note}." for note in notes)]
     if unfinished := results.get("unfinished"):
@@ -160,6 +162,19 @@ def results_markdown(results: dict[str, object], config: ExperimentConfig) -> st
     if config.baselines:
         lines += _baselines_table(runs, config)
     return "\n".join(lines) + "\n"
+
+
+def _one_seed_text(results: Mapping[str, object]) -> str:
+    """How far the figures of a one-seed experiment can be trusted, and what repeats them."""
+    recorded = results.get("config", {})
+    formats = {"threads_per_process": "{} CPU thread(s) per process", "num_processes": "{} process(es)", "torch": "torch {}"}
+    setup = ", ".join(text.format(recorded[key]) for key, text in formats.items() if recorded.get(key) is not None)
+    return (
+        "One seed: each cell is one draw of the subset and of the initial weights, not a mean. The same command repeats "
+        f"it{' on ' + setup if setup else ''}; another thread count changes the order of float sums, and so every epoch "
+        "after the first. Seeds move a small run by a few points (the three-seed records in the docs' Reproducing page "
+        "give each cell's spread), so a gain of that order is not a finding on its own: `--seeds 0,1,2` measures it."
+    )
 
 
 def _baselines_table(runs: Sequence[dict[str, object]], config: ExperimentConfig) -> list[str]:
