@@ -86,12 +86,16 @@ def _create(config: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_e
     if config.sched == "none":
         return None
     if config.sched == "onecycle":
-        kwargs: dict[str, Any] = {"pct_start": config.warmup_epochs / config.epochs if config.warmup_epochs else 0.3}
+        total_steps = config.epochs * updates_per_epoch
+        pct_start = config.warmup_epochs / config.epochs if config.warmup_epochs else 0.3
+        if pct_start * total_steps == 1:  # torch's rise would end at step 0 and divide by its length, zero
+            pct_start = 1.5 / total_steps
+        kwargs: dict[str, Any] = {"pct_start": pct_start}
         if config.min_lr > 0:
             kwargs["final_div_factor"] = (config.lr / 25.0) / config.min_lr
         kwargs.update(config.sched_kwargs)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * updates_per_epoch, **kwargs)
+            optimizer, max_lr=config.lr, total_steps=total_steps, **kwargs)
     from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(

@@ -42,6 +42,19 @@ def test_onecycle_stops_at_its_last_step() -> None:
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 1  # torch peaks at pct_start * 12 - 1 = 2 steps
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+@pytest.mark.parametrize(("epochs", "warmup_epochs", "updates_per_epoch"), [(2, 1, 1), (4, 1, 1), (10, 3, 1)])
+def test_onecycle_runs_whose_rise_ends_at_the_first_step_still_step(epochs, warmup_epochs, updates_per_epoch) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    config = TrainConfig(epochs=epochs, lr=0.1, sched="onecycle", warmup_epochs=warmup_epochs)
+    schedule = LRSchedule(config, optimizer, updates_per_epoch=updates_per_epoch)  # torch divided by zero here
+    lrs = []
+    for step in range(1, epochs * updates_per_epoch + 1):
+        schedule.step_update(step)
+        lrs.append(lr(optimizer))
+    assert max(lrs) <= 0.1 + 1e-12 and min(lrs) < 0.01  # it rose and decayed
+
+
 @pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated:FutureWarning")
 def test_plateau_moves_per_epoch_on_the_metric_and_keeps_its_counters() -> None:
     schedule, optimizer = make("plateau", sched_kwargs={"patience_epochs": 1, "decay_rate": 0.5})
