@@ -328,9 +328,11 @@ class ExperimentConfig:
         """The global batch of the phase-2 runs: ``student_batch_size``, else ``batch_size``."""
         return self.student_batch_size or self.batch_size
 
-    def teacher_epochs_for(self, num_images: int, num_processes: int = 1) -> int:
-        """Epochs of the teacher on ``num_images`` training images: ``teacher_epochs``, or more to reach ``teacher_steps``."""
-        return _epochs_reaching(self.teacher_steps, self.teacher_epochs, steps_per_process(num_images, self.batch_size, num_processes))
+    def teacher_epochs_for(self, num_images: int, num_processes: int = 1, at_least_steps: int = 0) -> int:
+        """Epochs of the teacher on ``num_images`` training images: ``teacher_epochs``, or more to
+        reach ``teacher_steps`` and ``at_least_steps`` (the longest student run's)."""
+        steps = max(self.teacher_steps or 0, at_least_steps) or None
+        return _epochs_reaching(steps, self.teacher_epochs, steps_per_process(num_images, self.batch_size, num_processes))
 
     def student_epochs_for(self, num_images: int, num_processes: int = 1) -> int:
         """Epochs of a phase-2 run on ``num_images`` training images: ``student_epochs``, or more to reach ``student_steps``."""

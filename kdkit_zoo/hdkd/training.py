@@ -8,7 +8,6 @@ its best epoch on a validation split carved out of the training set, then is tes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,14 +152,11 @@ def teacher_train_config(config: ExperimentConfig, output_dir: Path, num_images:
                          num_processes: int = 1) -> TrainConfig:
     """Phase 1's run: the teacher on ``num_images`` training images per epoch, seed 0.
 
-    It trains :meth:`~kdkit_zoo.hdkd.config.ExperimentConfig.teacher_epochs_for` epochs, or more
-    where those give fewer than ``at_least_steps`` optimizer steps (the longest student run's):
-    a teacher that trains less than its students is often weaker than the student alone.
+    It trains :meth:`~kdkit_zoo.hdkd.config.ExperimentConfig.teacher_epochs_for` epochs, with
+    at least ``at_least_steps`` optimizer steps (the longest student run's): a teacher that
+    trains less than its students is often weaker than the student alone.
     """
-    epochs = config.teacher_epochs_for(num_images, num_processes)
-    if at_least_steps:
-        per_epoch = steps_per_process(num_images, config.batch_size, num_processes)
-        epochs = max(epochs, math.ceil(at_least_steps / per_epoch))
+    epochs = config.teacher_epochs_for(num_images, num_processes, at_least_steps)
     return TrainConfig(
         epochs=epochs,
         opt=config.teacher_opt,
